@@ -1,0 +1,138 @@
+"""Tags and text collections in the catalog: what zero-shot tagging writes and what image→text ranks against."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import delete, func, insert, select, update
+
+from .catalog import Catalog
+from .errors import UsageError
+from .schema import photos, tags, text_collections, text_entries
+
+
+@dataclass(frozen=True)
+class TagRow:
+    """One tag on one photo, as exported."""
+
+    photo_id: int
+    path: str
+    label_set: str
+    label: str
+    score: float
+
+
+class TagStore:
+    """Writes and reads zero-shot tags; a label set is replaced as a whole, so tagging is idempotent."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def replace_set(self, label_set: str, space_id: int, rows: Iterator[tuple[int, str, float]]) -> int:
+        """Replace every tag of `label_set` with `rows` (photo_id, label, score) in one transaction."""
+        n = 0
+        with self.catalog.engine.begin() as conn:
+            conn.execute(delete(tags).where(tags.c.label_set == label_set))
+            chunk: list[dict] = []
+            for pid, label, score in rows:
+                chunk.append({"photo_id": pid, "label_set": label_set, "label": label, "score": float(score),
+                              "space_id": space_id})
+                if len(chunk) >= 20_000:
+                    conn.execute(insert(tags), chunk)
+                    n += len(chunk)
+                    chunk = []
+            if chunk:
+                conn.execute(insert(tags), chunk)
+                n += len(chunk)
+        return n
+
+    def remove_set(self, label_set: str) -> int:
+        """Undo a tagging run: delete every tag of the label set; returns how many went."""
+        with self.catalog.engine.begin() as conn:
+            return int(conn.execute(delete(tags).where(tags.c.label_set == label_set)).rowcount or 0)
+
+    def label_sets(self) -> dict[str, int]:
+        """Label set name → number of tags."""
+        with self.catalog.engine.connect() as conn:
+            q = select(tags.c.label_set, func.count()).group_by(tags.c.label_set).order_by(tags.c.label_set)
+            return {s: int(n) for s, n in conn.execute(q)}
+
+    def labels(self) -> list[str]:
+        """Every distinct tag label (for filter widgets)."""
+        with self.catalog.engine.connect() as conn:
+            return list(conn.execute(select(tags.c.label).distinct().order_by(tags.c.label)).scalars())
+
+    def counts(self, label_set: str) -> Counter:
+        """Label → number of photos carrying it in the set."""
+        with self.catalog.engine.connect() as conn:
+            q = select(tags.c.label, func.count()).where(tags.c.label_set == label_set).group_by(tags.c.label)
+            return Counter({label: int(n) for label, n in conn.execute(q)})
+
+    def tags_of(self, photo_ids: list[int]) -> dict[int, list[str]]:
+        """Photo id → its tag labels (all sets)."""
+        out: dict[int, list[str]] = {}
+        if not photo_ids:
+            return out
+        with self.catalog.engine.connect() as conn:
+            q = select(tags.c.photo_id, tags.c.label).where(tags.c.photo_id.in_(photo_ids)).order_by(tags.c.label)
+            for pid, label in conn.execute(q):
+                out.setdefault(int(pid), []).append(label)
+        return out
+
+    def rows(self, label_set: str | None = None) -> list[TagRow]:
+        """All tags (optionally of one set) with photo paths, for export."""
+        q = select(tags.c.photo_id, photos.c.path, tags.c.label_set, tags.c.label, tags.c.score).join(
+            photos, photos.c.id == tags.c.photo_id)
+        if label_set:
+            q = q.where(tags.c.label_set == label_set)
+        with self.catalog.engine.connect() as conn:
+            return [TagRow(int(a), b, c, d, float(e)) for a, b, c, d, e in
+                    conn.execute(q.order_by(photos.c.path, tags.c.label))]
+
+
+class TextCollections:
+    """Named caption collections embedded once per space (catalog rows; the search side builds their index)."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def replace(self, name: str, space_id: int, texts: list[str], vectors: np.ndarray) -> int:
+        """Create or replace collection `name` in a space with these texts and their vectors."""
+        if not texts:
+            raise UsageError(f"text collection '{name}' would be empty")
+        with self.catalog.engine.begin() as conn:
+            cid = conn.execute(select(text_collections.c.id).where(
+                text_collections.c.name == name, text_collections.c.space_id == space_id)).scalar()
+            if cid is None:
+                cid = conn.execute(insert(text_collections).values(name=name, space_id=space_id, generation=1)
+                                   ).inserted_primary_key[0]
+            else:
+                conn.execute(delete(text_entries).where(text_entries.c.collection_id == cid))
+                conn.execute(update(text_collections).where(text_collections.c.id == cid).values(
+                    generation=text_collections.c.generation + 1))
+            rows = [{"collection_id": cid, "text": t, "vector": np.asarray(v, "<f4").tobytes()}
+                    for t, v in zip(texts, vectors, strict=True)]
+            for i in range(0, len(rows), 20_000):
+                conn.execute(insert(text_entries), rows[i : i + 20_000])
+        return len(rows)
+
+    def names(self, space_id: int) -> list[str]:
+        """Collection names available in a space."""
+        with self.catalog.engine.connect() as conn:
+            q = select(text_collections.c.name).where(text_collections.c.space_id == space_id)
+            return list(conn.execute(q.order_by(text_collections.c.name)).scalars())
+
+    def load(self, name: str, space_id: int) -> tuple[int, list[str], np.ndarray]:
+        """(generation, texts, vectors) of a collection; UsageError when it does not exist in this space."""
+        with self.catalog.engine.connect() as conn:
+            row = conn.execute(select(text_collections.c.id, text_collections.c.generation).where(
+                text_collections.c.name == name, text_collections.c.space_id == space_id)).first()
+            if row is None:
+                raise UsageError(f"no text collection '{name}' for this model; add it with `clipsearch texts add`")
+            rows = conn.execute(select(text_entries.c.text, text_entries.c.vector).where(
+                text_entries.c.collection_id == row.id).order_by(text_entries.c.id)).all()
+        vecs = np.frombuffer(b"".join(bytes(r[1]) for r in rows), dtype="<f4").reshape(len(rows), -1)
+        return int(row.generation), [r[0] for r in rows], vecs.astype(np.float32)

@@ -1,0 +1,259 @@
+"""The CLIP encoder: the one module (with training.py) that imports torch and open_clip.
+
+A model spec is one of:
+  * ``ARCH:TAG``        an open_clip pretrained tag, e.g. ``ViT-B-32:laion2b_s34b_b79k`` (downloaded once, cached);
+  * ``ARCH:PATH``       a local checkpoint (.safetensors preferred; .pt/.bin loaded with ``weights_only=True``);
+  * ``ARCH:none``       untrained weights (seeded, so deterministic) -- tests and benchmarks only;
+  * ``FOLDER``          a folder with ``open_clip_config.json`` + weights, as written by ``clipsearch train``;
+  * ``demo``            the small model bundled with clipsearch (runs offline);
+ARCH may also be a path to an open_clip model-config JSON file (registered with ``open_clip.add_model_config``).
+
+The embedding space id covers architecture, weights and preprocessing, so vectors of different spaces never mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+
+from .decode import PreprocessSpec, decode_bytes, preprocess
+from .errors import BadImage, ModelUnavailable, UsageError
+
+log = logging.getLogger(__name__)
+
+DEMO_DIR = Path(__file__).parent / "models" / "demo"
+_TEXT_BATCH = 256
+
+
+@dataclass(frozen=True)
+class EmbeddingSpace:
+    """Identity of a vector space: two encoders with the same key produce comparable vectors."""
+
+    key: str  # short stable hash of label + preprocessing
+    label: str  # human-readable: ARCH:weights-id
+    dim: int  # embedding dimension
+
+
+@dataclass(frozen=True)
+class ParsedSpec:
+    """A model spec split into its parts; `folder` set for config+weights folders (demo included)."""
+
+    arch: str
+    weights: str | None  # tag, checkpoint path, or None for untrained
+    folder: Path | None = None
+
+
+def parse_spec(spec: str) -> ParsedSpec:
+    """Split a model spec; raises UsageError for an unknown architecture or a missing file."""
+    spec = spec.strip()
+    if spec == "demo":
+        return ParsedSpec("demo", None, DEMO_DIR)
+    if os.path.isdir(spec):
+        if not (Path(spec) / "open_clip_config.json").is_file():
+            raise UsageError(f"model folder {spec} has no open_clip_config.json")
+        return ParsedSpec(Path(spec).name, None, Path(spec).resolve())
+    arch, sep, weights = spec.partition(":")
+    if not sep or not weights:
+        raise UsageError(f"model spec '{spec}' must be ARCH:WEIGHTS (e.g. ViT-B-32:laion2b_s34b_b79k), a folder or 'demo'")
+    if arch.endswith(".json"):
+        if not os.path.isfile(arch):
+            raise UsageError(f"model config file {arch} does not exist")
+        open_clip.add_model_config(arch)
+        arch = Path(arch).stem
+    if arch not in open_clip.list_models():
+        raise UsageError(f"unknown architecture '{arch}' (see open_clip.list_models())")
+    return ParsedSpec(arch, None if weights.lower() == "none" else weights)
+
+
+def pick_device(requested: str | None = None) -> str:
+    """Best available device (CUDA, then MPS, then CPU) unless one is requested and available."""
+    if requested:
+        ok = {
+            "cpu": True,
+            "cuda": torch.cuda.is_available(),
+            "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+        }
+        base = requested.split(":")[0]
+        if base not in ok:
+            raise UsageError(f"unknown device '{requested}' (use cuda, mps or cpu)")
+        if not ok[base]:
+            raise UsageError(f"device '{requested}' was requested but is not available on this machine")
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _file_digest(path: str | Path) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _weights_id(parsed: ParsedSpec) -> str:
+    if parsed.folder is not None:
+        files = sorted(parsed.folder.glob("*.safetensors")) + sorted(parsed.folder.glob("*.bin"))
+        return "folder-" + (_file_digest(files[0]) if files else "untrained")
+    if parsed.weights is None:
+        return "none"
+    if os.path.isfile(parsed.weights):
+        return "file-" + _file_digest(parsed.weights)
+    return parsed.weights
+
+
+def _tag_cached_or_reachable(arch: str, tag: str, cache_dir: str | None) -> str | None:
+    """None when the tag's weights are cached or the hub answers; else a reason (so offline fails in ms, not 45 s)."""
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if not cfg:
+        return None  # open_clip itself reports unknown tags
+    repo = (cfg.get("hf_hub") or "").strip("/")
+    if repo:
+        from huggingface_hub import try_to_load_from_cache
+
+        names = [cfg.get("hf_weights_file")] if cfg.get("hf_weights_file") else []
+        names += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        for name in names:
+            hit = try_to_load_from_cache(repo, name, cache_dir=cache_dir)
+            if isinstance(hit, str):
+                return None
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return "HF_HUB_OFFLINE=1 is set"
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError as e:
+        return f"huggingface.co unreachable: {e}"
+    return None
+
+
+def build_model(spec: str, device: str = "cpu") -> tuple[torch.nn.Module, Any, dict[str, Any], ParsedSpec]:
+    """Create the open_clip model, tokenizer and preprocess config for a spec (shared by encoding and training)."""
+    parsed = parse_spec(spec)
+    cache_dir = os.environ.get("CLIPSEARCH_MODEL_CACHE")
+    try:
+        if parsed.folder is not None:
+            name = f"local-dir:{parsed.folder}"
+            if not any(parsed.folder.glob("*.safetensors")) and not any(parsed.folder.glob("*.bin")):
+                raise ModelUnavailable(f"model folder {parsed.folder} has no weights file (*.safetensors)")
+            model = open_clip.create_model(name, device=device, cache_dir=cache_dir)
+        else:
+            name = parsed.arch
+            if parsed.weights and not os.path.isfile(parsed.weights):
+                reason = _tag_cached_or_reachable(name, parsed.weights, cache_dir)
+                if reason:
+                    raise RuntimeError(reason)
+            if parsed.weights is None:
+                log.warning("model %s has untrained weights: embeddings carry no meaning (tests/benchmarks only)", name)
+                torch.manual_seed(0)  # deterministic "none" weights, so re-runs land in the same space
+            model = open_clip.create_model(
+                name, pretrained=parsed.weights, device=device, cache_dir=cache_dir, pretrained_text=False
+            )
+        tokenizer = open_clip.get_tokenizer(name)
+    except ModelUnavailable:
+        raise
+    except (RuntimeError, OSError, ValueError) as e:
+        where = cache_dir or os.environ.get("HF_HUB_CACHE") or "~/.cache/huggingface/hub"
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise ModelUnavailable(
+            f"cannot load model '{spec}': weights not found locally (looked in {where}) "
+            f"and could not be fetched ({reason})"
+        ) from e
+    model.eval()
+    return model, tokenizer, dict(open_clip.get_model_preprocess_cfg(model)), parsed
+
+
+class Encoder:
+    """CLIP image/text encoder with the house contract: L2-normalised float32 (N, D) under inference_mode."""
+
+    def __init__(self, spec: str, device: str | None = None) -> None:
+        self.spec = spec
+        self.device = pick_device(device)
+        self.model, self.tokenizer, pp, parsed = build_model(spec, self.device)
+        size = pp.get("size", 224)
+        size = size[0] if isinstance(size, list | tuple) else int(size)
+        self.preprocess_spec = PreprocessSpec(
+            size=size,
+            interpolation=str(pp.get("interpolation", "bicubic")),
+            resize_mode=str(pp.get("resize_mode", "shortest")),
+            fill_color=int(pp.get("fill_color", 0)),
+        )
+        self._mean = torch.tensor(pp.get("mean", open_clip.OPENAI_DATASET_MEAN), device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(pp.get("std", open_clip.OPENAI_DATASET_STD), device=self.device).view(1, 3, 1, 1)
+        with torch.inference_mode():
+            dim = int(self.encode_texts(["a photo"]).shape[1])
+        label = f"{parsed.arch}:{_weights_id(parsed)}"
+        canon = json.dumps({"label": label, "pp": pp, "dim": dim}, sort_keys=True, default=str)
+        self.space = EmbeddingSpace(hashlib.sha1(canon.encode()).hexdigest()[:16], label, dim)
+        self.logit_scale = float(self.model.logit_scale.exp().item()) if hasattr(self.model, "logit_scale") else 100.0
+
+    def _autocast(self) -> Any:
+        if self.device.startswith("cuda"):
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast("cpu", enabled=False)
+
+    @staticmethod
+    def _finish(t: torch.Tensor) -> np.ndarray:
+        t = t.float()
+        t = t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return t.cpu().numpy().astype(np.float32, copy=False)
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Embed a batch of decoded model inputs, (N, S, S, 3) uint8 as produced by indexer.decode."""
+        if len(pixels) == 0:
+            return np.zeros((0, self.space.dim), np.float32)
+        with torch.inference_mode(), self._autocast():
+            x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
+            x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self._mean).div_(self._std)
+            return self._finish(self.model.encode_image(x))
+
+    def encode_images(self, images: list[Any]) -> np.ndarray:
+        """Embed PIL images (already upright RGB) with the model's preprocessing."""
+        return self.encode_pixels(np.stack([preprocess(im, self.preprocess_spec) for im in images]))
+
+    def encode_image_bytes(self, data: bytes, max_pixels: int = 100_000_000) -> np.ndarray:
+        """Embed one uploaded/query image through the same safe decoder as the indexer; (1, D)."""
+        result = decode_bytes(data, self.preprocess_spec, max_pixels)
+        if result.pixels is None:
+            raise BadImage(f"cannot use this image: {result.reason or result.status}")
+        return self.encode_pixels(result.pixels[None])
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Embed texts in batches; returns (N, D)."""
+        outs = []
+        with torch.inference_mode(), self._autocast():
+            for i in range(0, len(texts), _TEXT_BATCH):
+                tokens = self.tokenizer(list(texts[i : i + _TEXT_BATCH])).to(self.device)
+                outs.append(self._finish(self.model.encode_text(tokens)))
+        return np.concatenate(outs) if outs else np.zeros((0, getattr(self, "space", None) and self.space.dim or 0))
+
+
+def imagenet_classnames() -> list[str]:
+    """The 1,000 ImageNet class names from open_clip's zero-shot metadata (a built-in vocabulary)."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    return list(IMAGENET_CLASSNAMES)
+
+
+def imagenet_templates() -> list[str]:
+    """CLIP's 80 ImageNet prompt templates as ``{}`` format strings (the default prompt ensemble)."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    out = []
+    for t in OPENAI_IMAGENET_TEMPLATES:
+        out.append(t("{}") if callable(t) else str(t))
+    return out

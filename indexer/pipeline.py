@@ -1,0 +1,301 @@
+"""The indexing pipeline: scan → decode (worker processes) → embed (batches) → write (one transaction per batch).
+
+Decoding runs ahead of embedding in a bounded window of futures, so the model never waits for a decode it could
+have had and memory stays bounded. Every batch commits photos and vectors together; killing the process at any
+point loses at most the batch in flight, and a re-run picks up exactly what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .catalog import Catalog, KnownFile, PhotoRecord
+from .config import IndexOptions
+from .decode import STATUS_INDEXED, STATUS_REUSE, DecodeResult, PreprocessSpec, decode_file
+from .encoder import Encoder
+from .errors import UsageError
+from .scan import FoundFile, _is_within, scan
+from .store import VectorStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IndexReport:
+    """What a run did; the CLI prints it and `--json` serialises it."""
+
+    scanned: int = 0
+    indexed: int = 0  # newly embedded
+    unchanged: int = 0
+    moved: int = 0  # same content at a new path: kept its id, vectors and tags
+    reused: int = 0  # duplicate content: vectors copied, not recomputed
+    removed: int = 0
+    missing_kept: int = 0  # vanished files not removed because too many vanished at once
+    failed: Counter = field(default_factory=Counter)  # "status: reason" -> count
+    skipped_dirs: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=lambda: {"scan": 0.0, "decode_wait": 0.0,
+                                                                      "embed": 0.0, "write": 0.0, "index": 0.0})
+
+    @property
+    def images_per_second(self) -> float:
+        """Embedded images per wall-clock second of the whole run."""
+        return self.indexed / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return {
+            "scanned": self.scanned, "indexed": self.indexed, "unchanged": self.unchanged, "moved": self.moved,
+            "reused": self.reused, "removed": self.removed, "missing_kept": self.missing_kept,
+            "failed": dict(self.failed), "skipped_dirs": self.skipped_dirs, "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 2),
+            "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+        }
+
+
+@dataclass(frozen=True)
+class _Todo:
+    file: FoundFile
+    existing_id: int | None  # row to update in place (changed file, or unchanged but missing this space's vector)
+
+
+# --- worker side (no torch here) ------------------------------------------------------------------------------
+_W: dict[str, Any] = {}
+
+
+def _init_worker(spec: PreprocessSpec, max_pixels: int, reuse: frozenset[str]) -> None:
+    _W.update(spec=spec, max_pixels=max_pixels, reuse=reuse)
+    try:
+        os.nice(5)  # decoding yields to the embedding process when cores are scarce
+    except OSError:
+        pass
+
+
+def _decode_task(path: bytes) -> DecodeResult:
+    return decode_file(path, _W["spec"], _W["max_pixels"], _W["reuse"])
+
+
+class Indexer:
+    """Indexes photo roots into the catalog and the space's vector index. Parts are passed in (see build_indexer)."""
+
+    def __init__(self, catalog: Catalog, store: VectorStore, encoder: Encoder, home: Path,
+                 options: IndexOptions = IndexOptions()) -> None:
+        self.catalog, self.store, self.encoder, self.home, self.options = catalog, store, encoder, home, options
+
+    def run(self, roots: list[Path], on_progress: Any = None) -> IndexReport:
+        """Index `roots` incrementally. `on_progress(done, total)` is called after each batch (UI polling)."""
+        t0 = time.perf_counter()
+        report = IndexReport()
+        roots = self._check_roots(roots)
+        space = self.encoder.space
+        space_id = self.catalog.ensure_space(space.key, space.label, self.encoder.spec, space.dim)
+
+        ts = time.perf_counter()
+        found = scan(roots, self.home, self.options.follow_symlinks)
+        report.skipped_dirs = [f"{os.fsdecode(p)}: {r}" for p, r in found.skipped]
+        known = self.catalog.known_files()
+        embedded = self.catalog.embedded_ids(space_id)
+        todo, report.unchanged = self._classify(found.files, known, embedded)
+        report.scanned = len(found.files)
+        root_bytes = [os.fsencode(str(r)) for r in roots]
+        seen = {f.path for f in found.files}
+        vanished = {p: k for p, k in known.items() if p not in seen and any(_is_within(p, r) for r in root_bytes)}
+        vanished_by_hash = {k.content_hash: k for k in vanished.values() if k.content_hash and k.status == "indexed"}
+        vec_by_hash = self.catalog.hashes_with_vectors(space_id)
+        report.stage_seconds["scan"] = time.perf_counter() - ts
+
+        claimed: set[int] = set()
+        batch = _Batch()
+        done = 0
+        for item, result in self._decoded(todo, frozenset(vanished_by_hash) | frozenset(vec_by_hash), report):
+            self._absorb(item, result, batch, report, vanished_by_hash, vec_by_hash, claimed, embedded)
+            done += 1
+            if len(batch.pixels) >= self.options.batch_size or len(batch.records) >= 4 * self.options.batch_size:
+                self._flush(batch, space_id, report)
+                if on_progress:
+                    on_progress(done, len(todo))
+        self._flush(batch, space_id, report)
+        if on_progress:
+            on_progress(len(todo), len(todo))
+
+        self._purge([k.id for k in vanished.values() if k.id not in claimed], len(known), report)
+        ts = time.perf_counter()
+        self.store.sync(self.catalog.space(space_id))
+        report.stage_seconds["index"] = time.perf_counter() - ts
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    # --- steps -------------------------------------------------------------------------------------------------
+    def _check_roots(self, roots: list[Path]) -> list[Path]:
+        out = []
+        home = os.path.realpath(self.home)
+        for r in roots:
+            if not os.path.isdir(r):
+                raise UsageError(f"not a folder: {r}")
+            real = os.path.realpath(r)
+            if real == home or real.startswith(home.rstrip(os.sep) + os.sep):
+                raise UsageError(f"{r} is inside clipsearch's own data dir ({self.home}); index your photos instead")
+            out.append(Path(os.path.abspath(r)))
+        return out
+
+    @staticmethod
+    def _classify(files: list[FoundFile], known: dict[bytes, KnownFile], embedded: set[int]) -> tuple[list[_Todo], int]:
+        todo, unchanged = [], 0
+        for f in files:
+            k = known.get(f.path)
+            if k is None:
+                todo.append(_Todo(f, None))
+            elif k.size != f.size or k.mtime_ns != f.mtime_ns:
+                todo.append(_Todo(f, k.id))
+            elif k.status == STATUS_INDEXED and k.id not in embedded:
+                todo.append(_Todo(f, k.id))  # model change: same file, new space
+            else:
+                unchanged += 1
+        return todo, unchanged
+
+    def _decoded(self, todo: list[_Todo], reuse: frozenset[str], report: IndexReport) -> Iterator[tuple[_Todo, DecodeResult]]:
+        """Decode results in order, from worker processes running ahead in a bounded window."""
+        spec, max_px = self.encoder.preprocess_spec, self.options.max_pixels
+        bar = self._progress_bar(len(todo))
+        try:
+            if self.options.workers <= 0 or len(todo) < 2:
+                for item in todo:
+                    ts = time.perf_counter()
+                    result = decode_file(item.file.path, spec, max_px, reuse)
+                    report.stage_seconds["decode_wait"] += time.perf_counter() - ts
+                    yield item, result
+                    bar and bar.update(1)
+                return
+            window = max(4, self.options.batch_size * 3)
+            ctx = mp.get_context("spawn")
+            with ProcessPoolExecutor(self.options.workers, ctx, _init_worker, (spec, max_px, reuse)) as pool:
+                pending: deque[tuple[_Todo, Future]] = deque()
+                it = iter(todo)
+                for item in it:
+                    pending.append((item, pool.submit(_decode_task, item.file.path)))
+                    if len(pending) >= window:
+                        break
+                while pending:
+                    item, fut = pending.popleft()
+                    nxt = next(it, None)
+                    if nxt is not None:
+                        pending.append((nxt, pool.submit(_decode_task, nxt.file.path)))
+                    ts = time.perf_counter()
+                    result = fut.result()
+                    report.stage_seconds["decode_wait"] += time.perf_counter() - ts
+                    yield item, result
+                    bar and bar.update(1)
+        finally:
+            if bar:
+                bar.close()
+
+    def _progress_bar(self, total: int) -> Any:
+        if not self.options.progress or total == 0:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit="img", desc="indexing", dynamic_ncols=True, smoothing=0.1)
+
+    def _absorb(self, item: _Todo, r: DecodeResult, batch: _Batch, report: IndexReport,
+                vanished_by_hash: dict[str, KnownFile], vec_by_hash: dict[str, int], claimed: set[int],
+                embedded: set[int]) -> None:
+        """Turn one decode result into catalog work: a new vector, a move, a copy, or a status row."""
+        f = item.file
+        if r.status == STATUS_REUSE:
+            moved = vanished_by_hash.get(r.content_hash or "")
+            src = vec_by_hash.get(r.content_hash or "")
+            if item.existing_id is None and moved is not None and moved.id not in claimed:
+                claimed.add(moved.id)
+                batch.moves.append((moved.id, f.path, f.size, f.mtime_ns))
+                report.moved += 1
+                if moved.id in embedded:
+                    return
+                r = decode_file(f.path, self.encoder.preprocess_spec, self.options.max_pixels)  # moved + new model
+                if r.pixels is not None:
+                    batch.extra.append(moved.id)
+                    batch.pixels.append(r.pixels)
+                    report.indexed += 1
+                return
+            if item.existing_id is None and src is not None:
+                batch.copies.append((src, f.path, f.size, f.mtime_ns))
+                report.reused += 1
+                return
+            r = decode_file(f.path, self.encoder.preprocess_spec, self.options.max_pixels)  # nothing to reuse
+        rec = PhotoRecord(f.path, f.size, f.mtime_ns, r.status, r.reason, r.content_hash, r.width, r.height,
+                          r.taken_at, r.camera_make, r.camera_model, r.format, item.existing_id)
+        if r.status == STATUS_INDEXED and r.pixels is not None:
+            batch.vector_rows.append(len(batch.records))
+            batch.pixels.append(r.pixels)
+            report.indexed += 1
+        else:
+            report.failed[f"{r.status}: {r.reason}"] += 1
+        batch.records.append(rec)
+
+    def _flush(self, batch: _Batch, space_id: int, report: IndexReport) -> None:
+        if batch.empty():
+            return
+        ts = time.perf_counter()
+        vecs = self.encoder.encode_pixels(np.stack(batch.pixels)) if batch.pixels else np.zeros((0, 0), np.float32)
+        report.stage_seconds["embed"] += time.perf_counter() - ts
+        ts = time.perf_counter()
+        n_rows = len(batch.vector_rows)
+        self.catalog.write_batch(
+            space_id,
+            batch.records,
+            dict(zip(batch.vector_rows, vecs[:n_rows], strict=True)),
+            moves=batch.moves,
+            copies=self._copy_records(batch.copies),
+            extra_vectors=dict(zip(batch.extra, vecs[n_rows:], strict=True)),
+        )
+        report.stage_seconds["write"] += time.perf_counter() - ts
+        batch.clear()
+
+    def _copy_records(self, copies: list[tuple[int, bytes, int, int]]) -> list[tuple[int, PhotoRecord]]:
+        if not copies:
+            return []
+        rows = self.catalog.photos_by_id([c[0] for c in copies])
+        out = []
+        for src, path, size, mtime_ns in copies:
+            s = rows[src]
+            out.append((src, PhotoRecord(path, size, mtime_ns, STATUS_INDEXED, None, s["content_hash"], s["width"],
+                                         s["height"], s["taken_at"], s["camera_make"], s["camera_model"],
+                                         s["format"])))
+        return out
+
+    def _purge(self, ids: list[int], known_total: int, report: IndexReport) -> None:
+        if not ids:
+            return
+        if not self.options.force and len(ids) > self.options.vanish_ratio * max(known_total, 1):
+            report.missing_kept = len(ids)
+            log.warning("%d of %d catalogued files are missing (unmounted disk?): not removing them; "
+                        "re-run with --force to remove them", len(ids), known_total)
+            return
+        report.removed = self.catalog.remove_photos(ids)
+
+
+@dataclass
+class _Batch:
+    records: list[PhotoRecord] = field(default_factory=list)
+    pixels: list[np.ndarray] = field(default_factory=list)
+    vector_rows: list[int] = field(default_factory=list)  # record index of each of the first pixels
+    extra: list[int] = field(default_factory=list)  # photo ids of the remaining pixels (vector added, row kept)
+    moves: list[tuple[int, bytes, int, int]] = field(default_factory=list)
+    copies: list[tuple[int, bytes, int, int]] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (self.records or self.moves or self.copies)
+
+    def clear(self) -> None:
+        for part in (self.records, self.pixels, self.vector_rows, self.extra, self.moves, self.copies):
+            part.clear()

@@ -1,0 +1,85 @@
+"""Walk photo roots: bytes paths end to end (lossless for any file name), loop-safe, never into the app's home.
+
+Only files with an image extension (case-insensitive) are candidates; whether they really are images is decided
+from their content by the decoder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .decode import IMAGE_EXTENSIONS
+
+log = logging.getLogger(__name__)
+
+_EXTS = {e.encode() for e in IMAGE_EXTENSIONS}
+
+
+@dataclass(frozen=True)
+class FoundFile:
+    """A candidate photo on disk with the stat fields used for change detection."""
+
+    path: bytes
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class ScanResult:
+    """Everything a walk found, plus places it could not look into (with reasons)."""
+
+    files: list[FoundFile] = field(default_factory=list)
+    skipped: list[tuple[bytes, str]] = field(default_factory=list)
+
+
+def _is_within(path: bytes, parent: bytes) -> bool:
+    return path == parent or path.startswith(parent.rstrip(os.sep.encode()) + os.sep.encode())
+
+
+def scan(roots: list[Path], home: Path, follow_symlinks: bool = False) -> ScanResult:
+    """Find candidate photos under `roots`. Unreadable dirs are recorded in `skipped`; nothing raises."""
+    result = ScanResult()
+    home_b = os.fsencode(os.path.realpath(home))
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[bytes] = set()
+    stack = [os.fsencode(os.path.abspath(r)) for r in roots]
+    while stack:
+        d = stack.pop()
+        if _is_within(os.path.realpath(d), home_b):
+            log.info("skipping the app's own data dir %s", os.fsdecode(d))
+            continue
+        try:
+            st = os.stat(d)
+        except OSError as e:
+            result.skipped.append((d, f"unreadable: {e.strerror}"))
+            continue
+        if (st.st_dev, st.st_ino) in seen_dirs:  # symlink loop or a dir reached twice
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            result.skipped.append((d, f"unreadable: {e.strerror}"))
+            continue
+        for entry in entries:
+            try:
+                if entry.is_symlink() and not follow_symlinks:
+                    continue
+                if entry.is_dir(follow_symlinks=follow_symlinks):
+                    stack.append(entry.path)
+                    continue
+                if os.path.splitext(entry.name)[1].lower() not in _EXTS:
+                    continue
+                est = entry.stat(follow_symlinks=follow_symlinks)
+                if not stat.S_ISREG(est.st_mode) or entry.path in seen_files:
+                    continue
+                seen_files.add(entry.path)
+                result.files.append(FoundFile(entry.path, est.st_size, est.st_mtime_ns))
+            except OSError as e:
+                result.skipped.append((entry.path, f"unreadable: {e.strerror}"))
+    result.files.sort(key=lambda f: f.path)
+    return result

@@ -1,0 +1,137 @@
+"""SQL catalog schema (SQLAlchemy 2.0 Core), its version, and the migration path.
+
+The catalog is the source of truth: photos, their per-space embeddings, tags and text collections.
+FAISS indexes are derived from it and can always be rebuilt.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    inspect,
+    select,
+)
+from sqlalchemy.engine import Connection
+
+from .errors import CatalogError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+metadata = MetaData()
+
+meta = Table("meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text, nullable=False))
+
+photos = Table(
+    "photos",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("path_bytes", LargeBinary, nullable=False, unique=True),  # os.fsencode(path): lossless for any name
+    Column("path", Text, nullable=False),  # display form (undecodable bytes replaced)
+    Column("folder", Text, nullable=False, index=True),  # display form of the parent dir, for prefix filters
+    Column("size", BigInteger, nullable=False),
+    Column("mtime_ns", BigInteger, nullable=False),
+    Column("content_hash", String(64), index=True),
+    Column("width", Integer),
+    Column("height", Integer),
+    Column("taken_at", DateTime),  # EXIF DateTimeOriginal when present
+    Column("date", DateTime, index=True),  # taken_at, else file mtime: the date users filter and sort by
+    Column("camera_make", String(128)),
+    Column("camera_model", String(128)),
+    Column("format", String(16)),
+    Column("status", String(16), nullable=False, index=True),
+    Column("reason", Text),
+    Column("updated_at", DateTime, nullable=False),
+)
+
+spaces = Table(
+    "spaces",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("key", String(64), nullable=False, unique=True),
+    Column("label", Text, nullable=False),
+    Column("model_spec", Text, nullable=False),
+    Column("dim", Integer, nullable=False),
+    Column("generation", BigInteger, nullable=False, default=0),  # bumped by every change to its vectors
+    Column("created_at", DateTime, nullable=False),
+)
+
+embeddings = Table(
+    "embeddings",
+    metadata,
+    Column("photo_id", Integer, ForeignKey("photos.id", ondelete="CASCADE"), primary_key=True),
+    Column("space_id", Integer, ForeignKey("spaces.id", ondelete="CASCADE"), primary_key=True),
+    Column("vector", LargeBinary, nullable=False),  # float32 little-endian, L2-normalised
+    Index("ix_embeddings_space", "space_id", "photo_id"),
+)
+
+tags = Table(
+    "tags",
+    metadata,
+    Column("photo_id", Integer, ForeignKey("photos.id", ondelete="CASCADE"), primary_key=True),
+    Column("label_set", String(128), primary_key=True),
+    Column("label", String(256), primary_key=True),
+    Column("score", Float, nullable=False),
+    Column("space_id", Integer, ForeignKey("spaces.id", ondelete="CASCADE"), nullable=False),
+    Index("ix_tags_label", "label", "photo_id"),
+)
+
+text_collections = Table(
+    "text_collections",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(128), nullable=False),
+    Column("space_id", Integer, ForeignKey("spaces.id", ondelete="CASCADE"), nullable=False),
+    Column("generation", BigInteger, nullable=False, default=0),
+    UniqueConstraint("name", "space_id"),
+)
+
+text_entries = Table(
+    "text_entries",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("collection_id", Integer, ForeignKey("text_collections.id", ondelete="CASCADE"), nullable=False),
+    Column("text", Text, nullable=False),
+    Column("vector", LargeBinary, nullable=False),
+    Index("ix_text_entries_collection", "collection_id", "id"),
+)
+
+# Migrations: MIGRATIONS[n] upgrades a catalog from version n to n + 1 inside one transaction.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+
+
+def ensure_schema(conn: Connection) -> None:
+    """Create a fresh schema, or migrate an older one; refuse a catalog written by a newer clipsearch."""
+    existing = set(inspect(conn).get_table_names())
+    if "photos" not in existing:
+        metadata.create_all(conn)
+        conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+        return
+    metadata.create_all(conn, checkfirst=True)  # tables added in a later version without data changes
+    row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()
+    version = int(row[0]) if row else 1
+    if version > SCHEMA_VERSION:
+        raise CatalogError(
+            f"the catalog uses schema v{version}, newer than this clipsearch (v{SCHEMA_VERSION}); upgrade clipsearch"
+        )
+    while version < SCHEMA_VERSION:
+        log.warning("migrating catalog schema v%d -> v%d", version, version + 1)
+        MIGRATIONS[version](conn)
+        version += 1
+        conn.execute(meta.update().where(meta.c.key == "schema_version").values(value=str(version)))

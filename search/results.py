@@ -1,0 +1,85 @@
+"""Typed results: frozen dataclasses, never raw FAISS arrays or its -1 padding."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """One photo in a ranking. `score` is cosine similarity; `z` is how unusual it is for this query."""
+
+    id: int
+    path: str
+    score: float
+    z: float  # standard score against the query's similarity to the library (calibrated relevance)
+    date: datetime | None = None
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    tags: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (stable keys: id, path, score, z, date, width, height, format, tags)."""
+        d = asdict(self)
+        d["date"] = self.date.isoformat() if self.date else None
+        d["tags"], d["score"], d["z"] = list(self.tags), round(self.score, 6), round(self.z, 3)
+        return d
+
+
+@dataclass(frozen=True)
+class SearchPage:
+    """A page of hits plus what is needed to page on."""
+
+    hits: list[SearchHit]
+    offset: int
+    limit: int
+    has_more: bool
+    strong_cutoff: float | None = None  # the score below which hits were dropped by --strong
+
+    def as_list(self) -> list[dict[str, Any]]:
+        """The hits as dicts (what `--json` prints)."""
+        return [h.as_dict() for h in self.hits]
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    """A label (or caption) and its score: cosine for rankings, probability for classification."""
+
+    label: str
+    score: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return {"label": self.label, "score": round(float(self.score), 6)}
+
+
+@dataclass(frozen=True)
+class Classification:
+    """Zero-shot result for one image: top labels with probabilities; `chosen` passes the mode's rule."""
+
+    source: str
+    labels: list[LabelScore]
+    chosen: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return {"source": self.source, "labels": [x.as_dict() for x in self.labels], "chosen": self.chosen}
+
+
+@dataclass(frozen=True)
+class TagPreview:
+    """What a tagging run does (or would do, with dry_run): counts per label and example photo paths."""
+
+    label_set: str
+    photos_considered: int
+    counts: dict[str, int]
+    examples: dict[str, list[str]]
+    written: int  # tags written (0 for a dry run)
+    dry_run: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return asdict(self)
