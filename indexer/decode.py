@@ -200,7 +200,7 @@ def decode_bytes(
 ) -> DecodeResult:
     """Decode one file's bytes into model input plus catalog metadata; never raises on bad input."""
     if not data:
-        return DecodeResult(STATUS_EMPTY, "empty: zero-byte file")
+        return DecodeResult(STATUS_EMPTY, "zero-byte file")
     digest = content_hash(data)
     if digest in reuse_hashes:
         return DecodeResult(STATUS_REUSE, content_hash=digest)

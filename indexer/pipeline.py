@@ -27,6 +27,7 @@ from .encoder import Encoder
 from .errors import UsageError
 from .scan import FoundFile, _is_within, scan
 from .store import VectorStore
+from .workers import decode_task, init_worker
 
 log = logging.getLogger(__name__)
 
@@ -67,23 +68,8 @@ class IndexReport:
 @dataclass(frozen=True)
 class _Todo:
     file: FoundFile
-    existing_id: int | None  # row to update in place (changed file, or unchanged but missing this space's vector)
-
-
-# --- worker side (no torch here) ------------------------------------------------------------------------------
-_W: dict[str, Any] = {}
-
-
-def _init_worker(spec: PreprocessSpec, max_pixels: int, reuse: frozenset[str]) -> None:
-    _W.update(spec=spec, max_pixels=max_pixels, reuse=reuse)
-    try:
-        os.nice(5)  # decoding yields to the embedding process when cores are scarce
-    except OSError:
-        pass
-
-
-def _decode_task(path: bytes) -> DecodeResult:
-    return decode_file(path, _W["spec"], _W["max_pixels"], _W["reuse"])
+    existing_id: int | None  # row to update in place (a changed file)
+    add_space_to: int | None = None  # unchanged photo that only lacks this space's vector (a model change)
 
 
 class Indexer:
@@ -159,7 +145,7 @@ class Indexer:
             elif k.size != f.size or k.mtime_ns != f.mtime_ns:
                 todo.append(_Todo(f, k.id))
             elif k.status == STATUS_INDEXED and k.id not in embedded:
-                todo.append(_Todo(f, k.id))  # model change: same file, new space
+                todo.append(_Todo(f, None, add_space_to=k.id))  # model change: keep row, tags, other vectors
             else:
                 unchanged += 1
         return todo, unchanged
@@ -179,18 +165,18 @@ class Indexer:
                 return
             window = max(4, self.options.batch_size * 3)
             ctx = mp.get_context("spawn")
-            with ProcessPoolExecutor(self.options.workers, ctx, _init_worker, (spec, max_px, reuse)) as pool:
+            with ProcessPoolExecutor(self.options.workers, ctx, init_worker, (spec, max_px, reuse)) as pool:
                 pending: deque[tuple[_Todo, Future]] = deque()
                 it = iter(todo)
                 for item in it:
-                    pending.append((item, pool.submit(_decode_task, item.file.path)))
+                    pending.append((item, pool.submit(decode_task, item.file.path)))
                     if len(pending) >= window:
                         break
                 while pending:
                     item, fut = pending.popleft()
                     nxt = next(it, None)
                     if nxt is not None:
-                        pending.append((nxt, pool.submit(_decode_task, nxt.file.path)))
+                        pending.append((nxt, pool.submit(decode_task, nxt.file.path)))
                     ts = time.perf_counter()
                     result = fut.result()
                     report.stage_seconds["decode_wait"] += time.perf_counter() - ts
@@ -212,6 +198,15 @@ class Indexer:
                 embedded: set[int]) -> None:
         """Turn one decode result into catalog work: a new vector, a move, a copy, or a status row."""
         f = item.file
+        if item.add_space_to is not None:
+            if r.status == STATUS_REUSE:
+                r = decode_file(f.path, self.encoder.preprocess_spec, self.options.max_pixels)
+            if r.pixels is None:
+                report.failed[f"{r.status}: {r.reason}"] += 1
+                return
+            batch.add_pixels(r.pixels, photo_id=item.add_space_to)
+            report.indexed += 1
+            return
         if r.status == STATUS_REUSE:
             moved = vanished_by_hash.get(r.content_hash or "")
             src = vec_by_hash.get(r.content_hash or "")
@@ -223,8 +218,7 @@ class Indexer:
                     return
                 r = decode_file(f.path, self.encoder.preprocess_spec, self.options.max_pixels)  # moved + new model
                 if r.pixels is not None:
-                    batch.extra.append(moved.id)
-                    batch.pixels.append(r.pixels)
+                    batch.add_pixels(r.pixels, photo_id=moved.id)
                     report.indexed += 1
                 return
             if item.existing_id is None and src is not None:
@@ -235,8 +229,7 @@ class Indexer:
         rec = PhotoRecord(f.path, f.size, f.mtime_ns, r.status, r.reason, r.content_hash, r.width, r.height,
                           r.taken_at, r.camera_make, r.camera_model, r.format, item.existing_id)
         if r.status == STATUS_INDEXED and r.pixels is not None:
-            batch.vector_rows.append(len(batch.records))
-            batch.pixels.append(r.pixels)
+            batch.add_pixels(r.pixels, record_index=len(batch.records))
             report.indexed += 1
         else:
             report.failed[f"{r.status}: {r.reason}"] += 1
@@ -249,15 +242,10 @@ class Indexer:
         vecs = self.encoder.encode_pixels(np.stack(batch.pixels)) if batch.pixels else np.zeros((0, 0), np.float32)
         report.stage_seconds["embed"] += time.perf_counter() - ts
         ts = time.perf_counter()
-        n_rows = len(batch.vector_rows)
-        self.catalog.write_batch(
-            space_id,
-            batch.records,
-            dict(zip(batch.vector_rows, vecs[:n_rows], strict=True)),
-            moves=batch.moves,
-            copies=self._copy_records(batch.copies),
-            extra_vectors=dict(zip(batch.extra, vecs[n_rows:], strict=True)),
-        )
+        by_row = {t: v for (kind, t), v in zip(batch.targets, vecs, strict=True) if kind == "row"}
+        by_id = {t: v for (kind, t), v in zip(batch.targets, vecs, strict=True) if kind == "photo"}
+        self.catalog.write_batch(space_id, batch.records, by_row, moves=batch.moves,
+                                 copies=self._copy_records(batch.copies), extra_vectors=by_id)
         report.stage_seconds["write"] += time.perf_counter() - ts
         batch.clear()
 
@@ -288,14 +276,18 @@ class Indexer:
 class _Batch:
     records: list[PhotoRecord] = field(default_factory=list)
     pixels: list[np.ndarray] = field(default_factory=list)
-    vector_rows: list[int] = field(default_factory=list)  # record index of each of the first pixels
-    extra: list[int] = field(default_factory=list)  # photo ids of the remaining pixels (vector added, row kept)
+    targets: list[tuple[str, int]] = field(default_factory=list)  # per pixels entry: ("row", i) or ("photo", id)
     moves: list[tuple[int, bytes, int, int]] = field(default_factory=list)
     copies: list[tuple[int, bytes, int, int]] = field(default_factory=list)
+
+    def add_pixels(self, pixels: np.ndarray, record_index: int | None = None, photo_id: int | None = None) -> None:
+        """Queue an image for embedding; its vector goes to records[record_index] or to an existing photo."""
+        self.pixels.append(pixels)
+        self.targets.append(("row", record_index) if record_index is not None else ("photo", int(photo_id or 0)))
 
     def empty(self) -> bool:
         return not (self.records or self.moves or self.copies)
 
     def clear(self) -> None:
-        for part in (self.records, self.pixels, self.vector_rows, self.extra, self.moves, self.copies):
+        for part in (self.records, self.pixels, self.targets, self.moves, self.copies):
             part.clear()

@@ -1,0 +1,25 @@
+"""Decode-worker entry points. Torch-free on purpose: spawned workers import only this and indexer.decode,
+so they start in a fraction of a second instead of loading torch."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .decode import DecodeResult, PreprocessSpec, decode_file
+
+_W: dict[str, Any] = {}
+
+
+def init_worker(spec: PreprocessSpec, max_pixels: int, reuse: frozenset[str]) -> None:
+    """Per-process setup: preprocessing spec, bomb limit, hashes whose vectors can be reused."""
+    _W.update(spec=spec, max_pixels=max_pixels, reuse=reuse)
+    try:
+        os.nice(5)  # decoding yields to the embedding process when cores are scarce
+    except OSError:
+        pass
+
+
+def decode_task(path: bytes) -> DecodeResult:
+    """Decode one file with the per-process settings."""
+    return decode_file(path, _W["spec"], _W["max_pixels"], _W["reuse"])

@@ -1,0 +1,114 @@
+"""The safe decoder: formats by content, every pixel mode to correct RGB, orientation, bad input as statuses."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexer.decode import PreprocessSpec, decode_bytes, decode_file, preprocess, sniff_format
+
+SPEC = PreprocessSpec(size=32)
+
+
+def _bytes(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP"])
+def test_each_allowed_format_decodes_and_is_sniffed(fmt: str) -> None:
+    data = _bytes(Image.new("RGB", (40, 30), (200, 30, 30)), fmt)
+    r = decode_bytes(data, SPEC)
+    assert r.status == "indexed" and r.format == fmt and r.pixels.shape == (32, 32, 3)
+    assert (r.width, r.height) == (40, 30)
+
+
+def test_heic_and_avif_decode() -> None:
+    import pillow_heif
+
+    im = Image.new("RGB", (64, 48), (10, 200, 10))
+    for fmt in ("HEIF", "AVIF"):
+        data = _bytes(im, fmt, quality=90)
+        r = decode_bytes(data, SPEC)
+        assert r.status == "indexed", (fmt, r.reason)
+        assert abs(int(r.pixels[..., 1].mean()) - 200) < 12
+    assert pillow_heif is not None
+
+
+def test_gif_uses_first_frame() -> None:
+    frames = [Image.new("P", (20, 20), i) for i in (1, 2)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], palette=[0] * 3 + [255, 0, 0] + [0, 0, 255])
+    r = decode_bytes(buf.getvalue(), SPEC)
+    assert r.status == "indexed"
+
+
+@pytest.mark.parametrize(
+    "mode,make,expect",
+    [
+        ("RGBA", lambda: Image.new("RGBA", (8, 8), (0, 0, 0, 0)), (255, 255, 255)),  # transparent → white
+        ("LA", lambda: Image.new("LA", (8, 8), (0, 0)), (255, 255, 255)),
+        ("CMYK", lambda: Image.new("CMYK", (8, 8), (0, 255, 255, 0)), (255, 0, 0)),  # pure red in CMYK
+        ("1", lambda: Image.new("1", (8, 8), 1), (255, 255, 255)),
+        ("I;16", lambda: Image.fromarray(np.full((8, 8), 32768, np.uint16)), (128, 128, 128)),
+        ("P+transparency", None, (255, 255, 255)),
+    ],
+)
+def test_every_mode_becomes_correct_rgb(mode, make, expect) -> None:
+    if make is None:
+        im = Image.new("P", (8, 8), 0)
+        im.putpalette([0, 0, 0] * 256)
+        im.info["transparency"] = 0
+        data = _bytes(im, "PNG", transparency=0)
+    else:
+        im = make()
+        data = _bytes(im, "TIFF" if mode == "CMYK" else "PNG")
+    r = decode_bytes(data, SPEC)
+    assert r.status == "indexed", r.reason
+    assert np.abs(r.pixels.reshape(-1, 3).mean(0) - np.array(expect)).max() < 3
+
+
+def test_exif_orientation_is_applied() -> None:
+    arr = np.zeros((30, 60, 3), np.uint8)
+    arr[:, :30] = (255, 0, 0)  # left half red, right half blue
+    arr[:, 30:] = (0, 0, 255)
+    im = Image.fromarray(arr)
+    exif = im.getexif()
+    exif[0x0112] = 6  # stored as-is; viewers rotate 90° clockwise
+    r = decode_bytes(_bytes(im, "PNG", exif=exif), PreprocessSpec(size=30, resize_mode="squash"))
+    upright = Image.fromarray(arr).transpose(Image.Transpose.ROTATE_270)  # what a viewer shows
+    assert (r.width, r.height) == (30, 60)
+    want = preprocess(upright, PreprocessSpec(size=30, resize_mode="squash")).astype(int)
+    assert np.abs(r.pixels.astype(int) - want).mean() < 2
+    assert r.pixels[0, :, 0].mean() > 200 and r.pixels[-1, :, 2].mean() > 200  # red on top, blue below
+
+
+def test_bad_inputs_become_statuses(tmp_path) -> None:
+    good = _bytes(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
+    assert decode_bytes(b"", SPEC).status == "empty"
+    assert decode_bytes(b"hello, not an image", SPEC).status == "unsupported"
+    r = decode_bytes(good[: len(good) // 2], SPEC)
+    assert r.status == "failed" and "truncated" in r.reason
+    r = decode_bytes(good, SPEC, max_pixels=1000)
+    assert r.status == "failed" and "bomb" in r.reason
+    r = decode_file(tmp_path / "missing.jpg", SPEC)
+    assert r.status == "failed" and r.reason.startswith("unreadable")
+
+
+def test_sniffing_ignores_extensions() -> None:
+    assert sniff_format(b"\x89PNG\r\n\x1a\n....") == "PNG"
+    assert sniff_format(b"GIF89a") == "GIF"
+    assert sniff_format(b"<html>") is None
+
+
+def test_jpeg_draft_decodes_near_model_size() -> None:
+    data = _bytes(Image.new("RGB", (4000, 3000), (9, 9, 9)), "JPEG")
+    im = Image.open(io.BytesIO(data))
+    im.draft("RGB", (224, 224))
+    assert im.size[0] < 1000  # the DCT-scaled decode the indexer relies on
+    r = decode_bytes(data, PreprocessSpec(size=224))
+    assert r.status == "indexed" and (r.width, r.height) == (4000, 3000)
