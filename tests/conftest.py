@@ -91,7 +91,9 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory):
     bindir = _pg_bin()
     if bindir is None:
         pytest.skip("PostgreSQL server binaries are not installed (.ci/run installs the postgresql package)")
-    base = tmp_path_factory.mktemp("pg")
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="clipsearch-pg-"))  # not under pytest's 0700 tmp root: postgres must enter
     data, sock = base / "data", base / "sock"
     sock.mkdir()
     as_root = os.geteuid() == 0
@@ -111,6 +113,7 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory):
     finally:
         subprocess.run(prefix + [f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"],
                        capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture()

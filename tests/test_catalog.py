@@ -1,0 +1,67 @@
+"""Catalog behaviour on both back-ends: SQLite and a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from indexer.catalog import Catalog, PhotoRecord
+from indexer.errors import CatalogError
+from indexer.schema import SCHEMA_VERSION
+
+from .conftest import make_indexer
+
+pytestmark = pytest.mark.integration
+
+
+def _rec(name: bytes, **kw) -> PhotoRecord:
+    return PhotoRecord(b"/photos/" + name, 10, 1_000_000_000, "indexed", content_hash=name.hex(), **kw)
+
+
+def test_batch_write_spaces_generations_and_removal(catalog_url: str) -> None:
+    cat = Catalog(catalog_url)
+    sid = cat.ensure_space("k1", "tiny", "spec", 4)
+    assert cat.ensure_space("k1", "tiny", "spec", 4) == sid
+    with pytest.raises(CatalogError):
+        cat.ensure_space("k1", "tiny", "spec", 8)
+    vecs = np.eye(4, dtype=np.float32)
+    cat.write_batch(sid, [_rec(b"a.jpg"), _rec(b"b\xff.jpg"), _rec(b"c.jpg", width=5)], {0: vecs[0], 1: vecs[1]})
+    space = cat.space(sid)
+    assert space.count == 2 and space.generation == 1
+    known = cat.known_files()
+    assert b"/photos/b\xff.jpg" in known  # lossless non-UTF-8 path
+    got = cat.vectors_for(sid, [known[b"/photos/a.jpg"].id])
+    assert np.allclose(next(iter(got.values())), vecs[0])
+    cat.remove_photos([known[b"/photos/a.jpg"].id])
+    assert cat.space(sid).count == 1 and cat.space(sid).generation == 2
+    ids, out = next(cat.iter_vectors(sid))
+    assert ids.tolist() == [known[b"/photos/b\xff.jpg"].id] and np.allclose(out[0], vecs[1])
+    assert cat.counts_by_status() == {"indexed": 2, "failed": 0, "unsupported": 0, "empty": 0}
+    cat.dispose()
+
+
+def test_schema_version_is_recorded_and_newer_catalogs_are_refused(catalog_url: str) -> None:
+    from sqlalchemy import update
+
+    from indexer.schema import meta
+
+    cat = Catalog(catalog_url)
+    assert cat.get_meta("schema_version") == str(SCHEMA_VERSION)
+    with cat.engine.begin() as conn:
+        conn.execute(update(meta).where(meta.c.key == "schema_version").values(value=str(SCHEMA_VERSION + 1)))
+    cat.dispose()
+    with pytest.raises(CatalogError, match="newer"):
+        Catalog(catalog_url)
+
+
+def test_full_pipeline_on_each_backend(catalog_url, library, tmp_path, tiny_encoder) -> None:
+    from indexer.config import AppConfig
+
+    cfg = AppConfig(home=tmp_path / "home", db_url=catalog_url, model="x", device="cpu")
+    ix = make_indexer(cfg, tiny_encoder)
+    assert ix.run([library]).indexed == 8
+    assert make_indexer(cfg, tiny_encoder).run([library]).unchanged == 8
+    (library / "a/p0.jpg").rename(library / "moved.jpg")
+    r = make_indexer(cfg, tiny_encoder).run([library])
+    assert r.moved == 1 and r.indexed == 0
+    ix.catalog.dispose()
