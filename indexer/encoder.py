@@ -183,14 +183,8 @@ class Encoder:
         self.spec = spec
         self.device = pick_device(device)
         self.model, self.tokenizer, pp, parsed = build_model(spec, self.device)
-        size = pp.get("size", 224)
-        size = size[0] if isinstance(size, list | tuple) else int(size)
-        self.preprocess_spec = PreprocessSpec(
-            size=size,
-            interpolation=str(pp.get("interpolation", "bicubic")),
-            resize_mode=str(pp.get("resize_mode", "shortest")),
-            fill_color=int(pp.get("fill_color", 0)),
-        )
+        self.preprocess_spec = self.preprocess_spec_from(pp)
+        self.folder = parsed.folder  # model folders may carry their own prompt templates (templates.txt)
         self._mean = torch.tensor(pp.get("mean", open_clip.OPENAI_DATASET_MEAN), device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(pp.get("std", open_clip.OPENAI_DATASET_STD), device=self.device).view(1, 3, 1, 1)
         with torch.inference_mode():
@@ -199,6 +193,21 @@ class Encoder:
         canon = json.dumps({"label": label, "pp": pp, "dim": dim}, sort_keys=True, default=str)
         self.space = EmbeddingSpace(hashlib.sha1(canon.encode()).hexdigest()[:16], label, dim)
         self.logit_scale = float(self.model.logit_scale.exp().item()) if hasattr(self.model, "logit_scale") else 100.0
+
+    @staticmethod
+    def preprocess_spec_from(pp: dict[str, Any]) -> PreprocessSpec:
+        """The decoder's PreprocessSpec from open_clip's preprocess config."""
+        size = pp.get("size", 224)
+        size = size[0] if isinstance(size, list | tuple) else int(size)
+        return PreprocessSpec(size=size, interpolation=str(pp.get("interpolation", "bicubic")),
+                              resize_mode=str(pp.get("resize_mode", "shortest")), fill_color=int(pp.get("fill_color", 0)))
+
+    def default_templates(self) -> list[str] | None:
+        """Prompt templates shipped with a model folder (one per line, with {}), else None."""
+        path = self.folder / "templates.txt" if self.folder else None
+        if path and path.is_file():
+            return [t.strip() for t in path.read_text(encoding="utf-8").splitlines() if "{}" in t]
+        return None
 
     def _autocast(self) -> Any:
         if self.device.startswith("cuda"):

@@ -25,7 +25,7 @@ from .config import IndexOptions
 from .decode import STATUS_INDEXED, STATUS_REUSE, DecodeResult, PreprocessSpec, decode_file
 from .encoder import Encoder
 from .errors import UsageError
-from .scan import FoundFile, _is_within, scan
+from .scan import SAMPLE_DIR_NAME, FoundFile, _is_within, scan
 from .store import VectorStore
 from .workers import decode_task, init_worker
 
@@ -130,7 +130,9 @@ class Indexer:
             if not os.path.isdir(r):
                 raise UsageError(f"not a folder: {r}")
             real = os.path.realpath(r)
-            if real == home or real.startswith(home.rstrip(os.sep) + os.sep):
+            sample = os.path.join(home, SAMPLE_DIR_NAME)
+            inside = real == home or real.startswith(home.rstrip(os.sep) + os.sep)
+            if inside and not (real == sample or real.startswith(sample + os.sep)):
                 raise UsageError(f"{r} is inside clipsearch's own data dir ({self.home}); index your photos instead")
             out.append(Path(os.path.abspath(r)))
         return out

@@ -17,6 +17,7 @@ from .decode import IMAGE_EXTENSIONS
 log = logging.getLogger(__name__)
 
 _EXTS = {e.encode() for e in IMAGE_EXTENSIONS}
+SAMPLE_DIR_NAME = "sample-library"  # the demo's generated library: the one folder inside home that may be indexed
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,14 @@ def scan(roots: list[Path], home: Path, follow_symlinks: bool = False) -> ScanRe
     """Find candidate photos under `roots`. Unreadable dirs are recorded in `skipped`; nothing raises."""
     result = ScanResult()
     home_b = os.fsencode(os.path.realpath(home))
+    sample_b = os.fsencode(os.path.realpath(Path(home) / SAMPLE_DIR_NAME))
     seen_dirs: set[tuple[int, int]] = set()
     seen_files: set[bytes] = set()
     stack = [os.fsencode(os.path.abspath(r)) for r in roots]
     while stack:
         d = stack.pop()
-        if _is_within(os.path.realpath(d), home_b):
+        real = os.path.realpath(d)
+        if _is_within(real, home_b) and not _is_within(real, sample_b):
             log.info("skipping the app's own data dir %s", os.fsdecode(d))
             continue
         try:

@@ -83,7 +83,8 @@ class VectorStore:
             return None
 
     # --- building ----------------------------------------------------------------------------------------------
-    def _new_index(self, dim: int, count: int, sample: np.ndarray | None) -> tuple[faiss.Index, str]:
+    def new_index(self, dim: int, count: int, sample: np.ndarray | None) -> tuple[faiss.Index, str]:
+        """An empty index of the type the policy picks for `count` vectors (trained on `sample` if IVF)."""
         if count <= self.options.exact_max or sample is None:
             return faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), "flat-ip"
         nlist = int(min(65536, max(64, 4 * math.sqrt(count))))
@@ -108,7 +109,7 @@ class VectorStore:
     def rebuild(self, space: SpaceInfo) -> faiss.Index:
         """Build the space's index from the catalog and write it atomically with its manifest."""
         space = self.catalog.space(space.id)  # fresh generation/count
-        index, kind = self._new_index(space.dim, space.count, self._training_sample(space))
+        index, kind = self.new_index(space.dim, space.count, self._training_sample(space))
         n = 0
         for ids, vecs in self.catalog.iter_vectors(space.id):
             index.add_with_ids(np.ascontiguousarray(vecs), ids)

@@ -33,11 +33,22 @@ ImageRef = int | str | bytes  # an indexed photo id, an image file path, or raw 
 class SearchOptions:
     """Relevance and paging policy."""
 
-    strong_z: float = 3.0  # --strong keeps hits at least this many standard deviations above the library mean
+    strong_z: float = 3.0  # --strong keeps hits at least this many robust sigmas above the library median
     strong_margin: float = 0.5  # ...and within this fraction of (best - mean) of the best hit
     date_pool: int = 200  # sort=date reorders this many most relevant candidates (or all strong ones)
     calib_sample: int = 4096  # library vectors sampled to calibrate z-scores per query
     max_k: int = 10_000  # largest page a single call returns
+    tie_slack: int = 32  # extra candidates fetched so that equal scores at a page boundary order stably
+
+
+def _robust_location_scale(scores: np.ndarray) -> tuple[float, float]:
+    """Median and MAD-based sigma of a query's similarity to the library: the matching minority (what the user is
+    looking for) does not inflate them, so z-scores and the strong cutoff stay meaningful in small libraries."""
+    if len(scores) == 0:
+        return 0.0, 1.0
+    med = float(np.median(scores))
+    mad = float(np.median(np.abs(scores - med))) * 1.4826
+    return med, max(mad, float(scores.std()) * 0.1, 1e-6)
 
 
 class SearchService:
@@ -119,13 +130,14 @@ class SearchService:
             raise UsageError("sort must be 'relevance' or 'date'")
         space = self.space()
         allowed = filter_ids(self.catalog, space.id, filters)
-        want = offset + k + 1 + len(exclude or ())
+        want = offset + k + 1 + len(exclude or ()) + self.options.tie_slack
         if sort == "date" or strong:
             want = max(want, self.options.date_pool)
         ids, scores = self.store.search(space, qvec[None, :], want, allowed)[0]
         sample = self._calibration(space) @ qvec
-        mu, sigma = (float(sample.mean()), float(sample.std()) or 1e-6) if len(sample) else (0.0, 1.0)
+        mu, sigma = _robust_location_scale(sample)
         keep = [(int(i), float(s)) for i, s in zip(ids, scores, strict=True) if not exclude or int(i) not in exclude]
+        keep.sort(key=lambda p: (-round(p[1], 6), p[0]))  # ties (duplicate photos) in a stable order for paging
         cutoff = None
         if strong and keep:
             best = keep[0][1]
@@ -141,7 +153,8 @@ class SearchService:
                       rows[i]["format"], tuple(tag_map.get(i, ())))
             for i, s in page
         ]
-        return SearchPage(hits, offset, k, len(keep) > offset + k, cutoff)
+        more = len(keep) > offset + k
+        return SearchPage(hits, offset, k, more, cutoff)
 
     def search(self, query: str, k: int = 20, offset: int = 0, filters: PhotoFilter = PhotoFilter(),
                strong: bool = False, sort: str = "relevance") -> SearchPage:
@@ -226,6 +239,12 @@ class SearchService:
         return self.label_vectors([NEUTRAL_LABEL], templates or default_templates())[0]
 
     # --- browsing ------------------------------------------------------------------------------------------------
+    def thumbnail(self, photo_id: int, size: int = 320) -> bytes:
+        """JPEG thumbnail of a catalogued photo, by id only (cached in the home dir)."""
+        from .thumbnails import thumbnail
+
+        return thumbnail(self.catalog, (self.cache_dir or Path(".")) / "thumbs", photo_id, size)
+
     def photo(self, photo_id: int) -> dict[str, Any]:
         """Catalog row of one photo (PhotoNotFound if unknown)."""
         row = self.catalog.photos_by_id([photo_id]).get(photo_id)
@@ -244,11 +263,12 @@ class SearchService:
 
     def tag(self, labels: str | list[str], name: str | None = None, threshold: float | None = None,
             multi_label: bool = False, filters: PhotoFilter = PhotoFilter(), dry_run: bool = False,
-            templates: str | None = None) -> Any:
+            templates: str | None = None, on_progress: Any = None) -> Any:
         """Batch zero-shot tagging of the library; see search.tagging.tag_library."""
         from .tagging import tag_library
 
-        return tag_library(self, labels, name, threshold, multi_label, filters, dry_run, templates)
+        return tag_library(self, labels, name, threshold, multi_label, filters, dry_run, templates,
+                           on_progress=on_progress)
 
     def remove_tags(self, label_set: str) -> int:
         """Undo a tagging run (every tag of the label set)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -61,7 +61,8 @@ def classify(svc: SearchService, images: list[ImageRef], labels: str | list[str]
 
 def tag_library(svc: SearchService, labels: str | list[str], name: str | None = None,
                 threshold: float | None = None, multi_label: bool = False, filters: PhotoFilter = PhotoFilter(),
-                dry_run: bool = False, templates: str | None = None, examples: int = 3) -> TagPreview:
+                dry_run: bool = False, templates: str | None = None, examples: int = 3,
+                on_progress: Any = None) -> TagPreview:
     """Tag every indexed photo (or the filtered ones) with the labels that pass; preview with dry_run."""
     labs = parse_labels(labels)
     names = [lab.name for lab in labs]
@@ -82,6 +83,8 @@ def tag_library(svc: SearchService, labels: str | list[str], name: str | None = 
             mask = np.isin(ids, allowed)
             ids, vecs = ids[mask], vecs[mask]
         considered += len(ids)
+        if on_progress:
+            on_progress(considered, space.count)
         probs = _probs(svc, vecs, lvec, multi_label, tmpl)
         if multi_label:
             r, c = np.nonzero(probs >= thr[None, :])

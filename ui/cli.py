@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow-symlinks", action="store_true")
     p.add_argument("--max-pixels", type=int, default=100_000_000, help="decompression-bomb limit")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--progress-file", type=Path, help="keep {done,total} JSON here (the UI polls it)")
 
     sub.add_parser("status", help="counts, failures, embedding spaces, paths")
     sub.add_parser("reindex", help="rebuild vector indexes from the catalog")

@@ -61,7 +61,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.workers is not None:
         opts = IndexOptions(**{**opts.__dict__, "workers": args.workers})
     indexer = build_indexer(config_from(args), opts)
-    report = indexer.run(args.paths)
+    report = indexer.run(args.paths, on_progress=_progress_writer(args.progress_file))
     lines = [f"indexed {report.indexed}, unchanged {report.unchanged}, moved {report.moved}, "
              f"reused {report.reused}, removed {report.removed}, failed {sum(report.failed.values())} "
              f"in {report.seconds:.1f}s ({report.images_per_second:.1f} images/s)"]
@@ -72,6 +72,22 @@ def cmd_index(args: argparse.Namespace) -> int:
                      "library vanished at once: unmounted disk?); re-run with --force to remove them")
     _out(args, report.as_dict(), "\n".join(lines))
     return 0
+
+
+def _progress_writer(path: Any) -> Any:
+    """A callback that atomically rewrites {done, total} to `path` (None: no callback)."""
+    if path is None:
+        return None
+    import os
+
+    def write(done: int, total: int) -> None:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"done": done, "total": total}, f)
+        os.replace(tmp, path)
+
+    write(0, 0)
+    return write
 
 
 def status_data(config: AppConfig) -> dict[str, Any]:

@@ -1,0 +1,72 @@
+"""End-to-end indexing throughput vs model-only throughput, same model, batch and device, in one run.
+
+End to end = scan + read + hash + decode (JPEG draft) + EXIF + preprocess in worker processes + embed + catalog
+writes + index build, on a generated folder of camera-sized (4000x3000) JPEGs. Model-only = encode_pixels on
+pre-made uint8 tensors. The ratio says whether decoding starves the model.
+
+    python bench/index_throughput.py [--model ViT-B-32:none] [--count 64] [--batch-size 32] [--workers 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from indexer.app import open_parts
+from indexer.config import AppConfig, IndexOptions
+from indexer.encoder import Encoder
+from indexer.pipeline import Indexer
+
+
+def make_jpegs(folder: Path, count: int, size: tuple[int, int]) -> None:
+    rng = np.random.default_rng(0)
+    w, h = size
+    base = np.linspace(0, 255, w, dtype=np.float32)[None, :, None].repeat(h, 0).repeat(3, 2)
+    for i in range(count):
+        small = rng.integers(0, 255, (h // 50, w // 50, 3), dtype=np.uint8)
+        detail = np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR), np.float32)
+        arr = np.clip(0.5 * base + 0.5 * detail + rng.normal(0, 6, (h, w, 1)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(folder / f"IMG_{i:04d}.jpg", quality=90)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="ViT-B-32:none")
+    ap.add_argument("--count", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args()
+    enc = Encoder(args.model, args.device)
+    print(f"model {args.model} on {enc.device}, batch {args.batch_size}, decode workers {args.workers}")
+    with tempfile.TemporaryDirectory() as tmp:
+        lib = Path(tmp) / "photos"
+        lib.mkdir()
+        t = time.perf_counter()
+        make_jpegs(lib, args.count, (4000, 3000))
+        print(f"generated {args.count} 4000x3000 JPEGs in {time.perf_counter() - t:.1f}s")
+        s = enc.preprocess_spec.size
+        pix = np.random.default_rng(1).integers(0, 255, (args.count, s, s, 3), dtype=np.uint8)
+        enc.encode_pixels(pix[: args.batch_size])  # warm-up
+        t = time.perf_counter()
+        for i in range(0, args.count, args.batch_size):
+            enc.encode_pixels(pix[i : i + args.batch_size])
+        model_only = args.count / (time.perf_counter() - t)
+        cfg = AppConfig(home=Path(tmp) / "home", model=args.model)
+        parts = open_parts(cfg)
+        ix = Indexer(parts.catalog, parts.store, enc, cfg.home,
+                     IndexOptions(batch_size=args.batch_size, workers=args.workers))
+        rep = ix.run([lib])
+        e2e = rep.indexed / rep.seconds
+        print(f"model-only : {model_only:8.2f} images/s")
+        print(f"end-to-end : {e2e:8.2f} images/s  (stages: { {k: round(v, 2) for k, v in rep.stage_seconds.items()} })")
+        print(f"ratio end-to-end / model-only: {e2e / model_only:.3f}")
+
+
+if __name__ == "__main__":
+    main()

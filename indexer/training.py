@@ -1,0 +1,239 @@
+"""`clipsearch train`: contrastive fine-tuning / training of any open_clip architecture on image–caption pairs.
+
+Uses open_clip's ClipLoss (symmetric InfoNCE with the model's learned temperature). Images are decoded once by
+the indexer's safe decoder (so training sees exactly what indexing sees) and kept as uint8 in memory. Output is a
+model folder (``open_clip_config.json`` + ``open_clip_model.safetensors``) usable anywhere as a model spec.
+Resuming reads ``train_state.pt`` with ``torch.load(weights_only=True)``: no pickles are executed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from safetensors.torch import save_file
+
+from .datasets import load_caption_pairs
+from .decode import decode_file
+from .encoder import build_model, pick_device
+from .errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on (saved beside the checkpoint)."""
+
+    data: Path  # folder the caption file's image paths are relative to
+    out: Path  # output model folder
+    captions: str = "captions.txt"  # Flickr8k-style image,caption lines; or .csv / .jsonl with path and caption
+    model: str = "ViT-B-32:none"  # starting point: any model spec (checkpoint, tag, folder or ARCH:none)
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    freeze_image: bool = False  # lock the image tower (fine-tune the text side only)
+    val_fraction: float = 0.1  # images held out for validation (seeded split)
+    seed: int = 0
+    device: str | None = None
+    resume: bool = False  # continue from out/train_state.pt
+    save_half: bool = False  # store weights as float16 (halves the file; used for the bundled demo model)
+    workers: int = 2  # decode processes for the one-time image load
+    hard_batches: float = 0.5  # share of batches whose captions differ in one word only (hard negatives)
+
+
+@dataclass
+class TrainReport:
+    """Per-epoch figures of a run."""
+
+    epochs: list[dict] = field(default_factory=list)
+    images_per_second: float = 0.0
+    out: str = ""
+
+
+def _load_images(paths: list[Path], spec, workers: int) -> np.ndarray:
+    from concurrent.futures import ProcessPoolExecutor
+
+    from .workers import decode_task, init_worker
+
+    raw = [str(p).encode() for p in paths]
+    if workers > 0:
+        with ProcessPoolExecutor(workers, initializer=init_worker, initargs=(spec, 100_000_000, frozenset())) as ex:
+            results = list(ex.map(decode_task, raw, chunksize=32))
+    else:
+        results = [decode_file(p, spec) for p in raw]
+    bad = [(p, r.reason) for p, r in zip(paths, results, strict=True) if r.pixels is None]
+    if bad:
+        raise UsageError(f"{len(bad)} training images cannot be decoded, e.g. {bad[0][0]}: {bad[0][1]}")
+    return np.stack([r.pixels for r in results])
+
+
+def _model_cfg(spec: str, parsed) -> dict:
+    if parsed.folder is not None:
+        return json.loads((parsed.folder / "open_clip_config.json").read_text())["model_cfg"]
+    return open_clip.get_model_config(parsed.arch)
+
+
+def _lr_lambda(cfg: TrainConfig, total: int):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def save_model(model: torch.nn.Module, model_cfg: dict, pp_cfg: dict, out: Path, half: bool) -> None:
+    """Write a model folder loadable as a spec (open_clip's local-dir layout)."""
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: (v.half() if half and v.is_floating_point() else v).contiguous().cpu() for k, v in
+          model.state_dict().items()}
+    save_file(sd, str(out / "open_clip_model.safetensors"))
+    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": pp_cfg},
+                                                          indent=2))
+
+
+def train(cfg: TrainConfig) -> TrainReport:
+    """Run contrastive training; returns per-epoch losses and validation figures."""
+    torch.manual_seed(cfg.seed)
+    rnd = random.Random(cfg.seed)
+    device = pick_device(cfg.device)
+    pairs = load_caption_pairs(cfg.data, cfg.captions)
+    images = sorted(pairs)
+    rnd.shuffle(images)
+    n_val = int(len(images) * cfg.val_fraction)
+    val_imgs, train_imgs = images[:n_val], images[n_val:]
+    if len(train_imgs) < 2:
+        raise UsageError("need at least two training images")
+    model, tokenizer, pp, parsed = build_model(cfg.model, device)
+    model_cfg = _model_cfg(cfg.model, parsed)
+    from .encoder import Encoder
+
+    spec = Encoder.preprocess_spec_from(pp)
+    t0 = time.perf_counter()
+    pixels = _load_images(images, spec, cfg.workers)
+    log.info("decoded %d images in %.1fs", len(images), time.perf_counter() - t0)
+    index_of = {p: i for i, p in enumerate(images)}
+    mean = torch.tensor(pp["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(pp["std"], device=device).view(1, 3, 1, 1)
+
+    def batch_tensors(batch: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+        # Contrastive loss treats every other caption in the batch as a negative, so an identical caption on two
+        # images would be a false negative: pick captions so that none repeats (first caption as the fallback).
+        chosen, used = [], set()
+        for p in batch:
+            options = [rnd.choice(pairs[p]), pairs[p][0]]
+            cap = next((c for c in options if c not in used), None)
+            if cap is not None:
+                used.add(cap)
+                chosen.append((p, cap))
+        x = torch.from_numpy(pixels[[index_of[p] for p, _ in chosen]]).to(device)
+        x = x.permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std)
+        return x, tokenizer([c for _, c in chosen]).to(device)
+
+    if cfg.freeze_image:
+        model.visual.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    steps_per_epoch = max(1, len(train_imgs) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps_per_epoch * cfg.epochs))
+    loss_fn = open_clip.ClipLoss()
+    report, start_epoch = TrainReport(out=str(cfg.out)), 0
+    state_path = cfg.out / "train_state.pt"
+    if cfg.resume and state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start_epoch = int(state["epoch"])
+        report.epochs = json.loads((cfg.out / "train_log.json").read_text()).get("epochs", [])
+        log.warning("resuming after epoch %d", start_epoch)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
+        "cpu", enabled=False)
+    seen, t_train = 0, time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        batches = _epoch_batches(train_imgs, pairs, cfg.batch_size, cfg.hard_batches, rnd)[:steps_per_epoch]
+        losses = []
+        for batch in batches:
+            x, tokens = batch_tensors(batch)
+            with amp:
+                img_f, txt_f, scale = model(x, tokens)[:3]
+                loss = loss_fn(img_f, txt_f, scale)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            losses.append(loss.item())
+            seen += len(x)
+        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0],
+               "images_per_second": seen / (time.perf_counter() - t_train)}
+        row.update(_validate(model, val_imgs, batch_tensors, loss_fn, cfg.batch_size))
+        report.epochs.append(row)
+        log.warning("epoch %d/%d: loss %.4f val_loss %s (%.0f img/s)", epoch + 1, cfg.epochs, row["train_loss"],
+                    f"{row.get('val_loss', float('nan')):.4f}", row["images_per_second"])
+        save_model(model, model_cfg, pp, cfg.out, cfg.save_half)
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "epoch": epoch + 1}, state_path)
+        (cfg.out / "train_log.json").write_text(json.dumps(
+            {"config": {k: str(v) for k, v in asdict(cfg).items()}, "epochs": report.epochs}, indent=2))
+    report.images_per_second = seen / max(1e-9, time.perf_counter() - t_train)
+    return report
+
+
+def _epoch_batches(images: list[Path], pairs: dict[Path, list[str]], bs: int, hard: float,
+                   rnd: random.Random) -> list[list[Path]]:
+    """One epoch of batches: a share of them are hard-negative batches.
+
+    In a random batch, the easy attributes of a caption (colour, background) already tell the positive from nearly
+    every negative, so the hard ones (shape) get no gradient. A hard batch gathers images whose first captions are
+    equal once one word (chosen per epoch) is removed: its negatives differ from the positive in that word only.
+    """
+    order = images[:]
+    rnd.shuffle(order)
+    n_hard = int(len(order) * hard)
+    hard_part, easy_part = order[:n_hard], order[n_hard:]
+    words = max(1, min(len(pairs[p][0].split()) for p in hard_part)) if hard_part else 1
+    drop = rnd.randrange(words)
+
+    def key(p: Path) -> str:
+        w = pairs[p][0].split()
+        return " ".join(w[:drop] + w[drop + 1 :])
+
+    hard_part.sort(key=key)  # stable after the shuffle: random order within a key
+    batches = [hard_part[i : i + bs] for i in range(0, len(hard_part), bs)]
+    batches += [easy_part[i : i + bs] for i in range(0, len(easy_part), bs)]
+    rnd.shuffle(batches)
+    return [b for b in batches if len(b) >= 2]
+
+
+def _validate(model, val_imgs, batch_tensors, loss_fn, bs: int) -> dict:
+    if len(val_imgs) < 2:
+        return {}
+    model.eval()
+    losses = []
+    with torch.inference_mode():
+        for b in range(0, len(val_imgs) - 1, bs):
+            chunk = val_imgs[b : b + bs]
+            if len(chunk) < 2:
+                break
+            x, tokens = batch_tensors(chunk)
+            img_f, txt_f, scale = model(x, tokens)[:3]
+            losses.append(float(loss_fn(img_f, txt_f, scale)))
+    return {"val_loss": float(np.mean(losses))} if losses else {}

@@ -1,0 +1,79 @@
+"""Search features through the real CLI with a tiny open_clip model, real FAISS and SQLite (integration twin of
+test_search_unit.py)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from .conftest import TINY
+from .test_cli import run
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture()
+def indexed(library, tmp_path):
+    home = tmp_path / "home"
+    assert run("index", str(library), "--model", TINY, home=home).returncode == 0
+    return library, home
+
+
+def j(r):
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_search_filters_paging_and_similar(indexed) -> None:
+    library, home = indexed
+    hits = j(run("search", "a photo", "-k", "3", "--folder", str(library / "a"), "--json", home=home))
+    assert len(hits) == 3 and all("/a/" in h["path"] for h in hits)
+    page1 = j(run("search", "a photo", "-k", "4", "--json", home=home))
+    page2 = j(run("search", "a photo", "-k", "4", "--offset", "4", "--json", home=home))
+    assert not {h["id"] for h in page1} & {h["id"] for h in page2} and len(page1 + page2) == 8
+    by_path = j(run("similar", str(library / "a/p0.jpg"), "-k", "1", "--json", home=home))
+    assert by_path[0]["path"].endswith("a/p0.jpg") and by_path[0]["score"] > 0.999  # itself, re-encoded
+    by_id = j(run("similar", str(by_path[0]["id"]), "-k", "7", "--json", home=home))
+    assert by_path[0]["id"] not in {h["id"] for h in by_id} and len(by_id) == 7
+    combined = j(run("search", f'"2:a dog" + {library / "b/q.png"} - "snow"', "-k", "2", "--json", home=home))
+    assert len(combined) == 2
+    r = run("similar", "424242", home=home)
+    assert r.returncode == 2 and "no indexed photo" in r.stderr
+    r = run("similar", str(library / "missing.jpg"), home=home)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_describe_classify_texts(indexed, tmp_path) -> None:
+    library, home = indexed
+    img = str(library / "a/p1.jpg")
+    ranked = j(run("describe", img, "--labels", "dog,cat,car", "--json", home=home))
+    assert sorted(x["label"] for x in ranked) == ["car", "cat", "dog"] and {"label", "score"} <= set(ranked[0])
+    vocab = j(run("describe", img, "--vocab", "imagenet", "-k", "5", "--json", home=home))
+    assert len(vocab) == 5
+    (tmp_path / "caps.txt").write_text("a dog\na cat\na car\n")
+    assert j(run("texts", "add", str(tmp_path / "caps.txt"), "--name", "caps", "--json", home=home))["texts"] == 3
+    assert len(j(run("describe", img, "--texts", "caps", "-k", "2", "--json", home=home))) == 2
+    res = j(run("classify", img, str(library / "b/q.png"), "--labels", "dog,cat", "--json", home=home))
+    assert len(res) == 2 and abs(sum(x["score"] for x in res[0]["labels"]) - 1) < 1e-3
+    r = run("classify", img, "--labels", " , ", home=home)
+    assert r.returncode == 2 and "empty" in r.stderr
+
+
+def test_tag_dry_run_apply_export_remove(indexed, tmp_path) -> None:
+    library, home = indexed
+    dry = j(run("tag", "--labels", "dog,cat", "--threshold", "0", "--dry-run", "--json", home=home))
+    assert dry["written"] == 0 and sum(dry["counts"].values()) == 8
+    done = j(run("tag", "--labels", "dog,cat", "--threshold", "0", "--name", "pets", "--json", home=home))
+    assert done["written"] == 8
+    again = j(run("tag", "--labels", "dog,cat", "--threshold", "0", "--name", "pets", "--json", home=home))
+    assert again["written"] == 8  # idempotent: replaced, not doubled
+    label = max(done["counts"], key=done["counts"].get)
+    tagged = j(run("search", "a photo", "--tag", label, "-k", "20", "--json", home=home))
+    assert len(tagged) == done["counts"][label] and all(label in h["tags"] for h in tagged)
+    out = tmp_path / "tags.csv"
+    assert j(run("tag", "--export", str(out), "--json", home=home))["exported"] == 8
+    assert len(list(csv.DictReader(open(out)))) == 8
+    assert j(run("tag", "--remove", "pets", "--json", home=home))["removed"] == 8
+    assert j(run("search", "a photo", "--tag", label, "--json", home=home)) == []

@@ -1,0 +1,139 @@
+"""SearchService with a deterministic fake encoder: ranking, combined queries, filters with top-k, cutoffs,
+pagination, image→text, zero-shot and tagging. The integration twin is tests/test_search_integration.py."""
+
+from __future__ import annotations
+
+import csv
+import json
+from datetime import datetime
+
+import pytest
+
+from indexer.errors import BadImage, EmptyLibrary, PhotoNotFound, UsageError
+from indexer.filters import PhotoFilter
+from search.service import SearchService
+
+from .fakes import FakeEncoder, populate
+
+PHOTOS = (
+    [(f"/p/beach/dog{i}.jpg", "dog beach sand", datetime(2020, 1, 1 + i)) for i in range(5)]
+    + [(f"/p/park/dog{i}.jpg", "dog park grass", datetime(2021, 1, 1 + i)) for i in range(5)]
+    + [(f"/p/beach/cat{i}.jpg", "cat beach sand", None) for i in range(5)]
+    + [(f"/p/city/car{i}.jpg", "car street city", datetime(2022, 1, 1 + i)) for i in range(25)]
+)
+
+
+@pytest.fixture()
+def svc(tmp_path) -> SearchService:
+    cat, store = populate(tmp_path, PHOTOS)
+    return SearchService(cat, store, FakeEncoder(), cache_dir=tmp_path / "cache")
+
+
+def names(page) -> list[str]:
+    return [h.path.split("/p/")[1] for h in page.hits]
+
+
+def test_text_ranks_matching_photos_first(svc) -> None:
+    page = svc.search("dog", k=10)
+    assert all("dog" in n for n in names(page))
+    assert [h.score for h in page.hits] == sorted((h.score for h in page.hits), reverse=True)
+    assert page.hits[0].z > 1.5  # a quarter of this library is dogs, so 'dog' stands out by ~1.9 sigma
+    assert svc.search("cat", k=1).hits[0].z > page.hits[0].z  # rarer concept, more unusual match
+
+
+def test_combined_query_weights_and_negatives(svc) -> None:
+    assert all(n.startswith("park/dog") for n in names(svc.search('"dog" - "beach"', k=5)))
+    assert all(n.startswith("beach/dog") for n in names(svc.search('"dog" + "2:sand"', k=5)))
+    dog_id = svc.search("dog park", k=1).hits[0].id
+    assert all("dog" in n for n in names(svc.search(f'#{dog_id} - "park"', k=3)))
+
+
+def test_filter_keeps_top_k(svc) -> None:
+    page = svc.search("dog", k=20, filters=PhotoFilter(folder="/p/city"))
+    assert len(page.hits) == 20 and all(n.startswith("city/") for n in names(page))
+    page = svc.search("car", k=3, filters=PhotoFilter(after=datetime(2020, 1, 1), before=datetime(2021, 1, 1)))
+    assert names(page) and all(n.startswith("beach/dog") for n in names(page))
+    assert not svc.search("dog", filters=PhotoFilter(folder="/p/bea")).hits  # prefix means folder, not string
+
+
+def test_strong_cutoff_keeps_only_the_matching_cluster(svc) -> None:
+    page = svc.search("cat", k=40, strong=True)
+    assert sorted(names(page)) == [f"beach/cat{i}.jpg" for i in range(5)]
+    assert page.strong_cutoff is not None
+
+
+def test_pagination_and_date_sort(svc) -> None:
+    p1, p2 = svc.search("car", k=10), svc.search("car", k=10, offset=10)
+    assert p1.has_more and not set(names(p1)) & set(names(p2))
+    assert names(p1) + names(p2) == names(svc.search("car", k=20))
+    dated = svc.search("dog", k=10, sort="date")
+    dates = [h.date for h in dated.hits]
+    assert dates == sorted(dates, reverse=True)
+
+
+def test_similar_by_id_excludes_itself(svc) -> None:
+    target = svc.search("cat", k=1).hits[0]
+    page = svc.similar(target.id, k=4)
+    assert target.id not in [h.id for h in page.hits] and all("cat" in n for n in names(page))
+    with pytest.raises(PhotoNotFound):
+        svc.similar(99999)
+    assert all("dog" in n for n in names(svc.similar(b"concept:dog beach sand", k=3)))
+    with pytest.raises(BadImage):
+        svc.similar(b"\x00not an image")
+
+
+def test_describe_labels_and_text_collection(svc, tmp_path) -> None:
+    ranked = svc.describe(b"concept:cat beach sand", labels="car,cat,dog", k=3)
+    assert ranked[0].label == "cat"
+    (tmp_path / "caps.txt").write_text("a cat on sand\na red car in the city\na dog in a park\n")
+    assert svc.add_texts(str(tmp_path / "caps.txt"), "caps") == 3
+    top = svc.describe(svc.search("car", k=1).hits[0].id, texts="caps", k=2)
+    assert top[0].label == "a red car in the city" and len(top) == 2
+    with pytest.raises(UsageError):
+        svc.describe(b"concept:cat", labels=",,")
+
+
+def test_classify_single_and_multi_label(svc) -> None:
+    (single,) = svc.classify([b"concept:dog park grass"], "dog,cat,car", k=3)
+    assert single.labels[0].label == "dog" and abs(sum(x.score for x in single.labels) - 1) < 1e-4
+    (multi,) = svc.classify([b"concept:dog cat"], ["dog", "cat", "car"], multi_label=True, threshold=0.5)
+    assert set(multi.chosen) == {"dog", "cat"}
+    with pytest.raises(UsageError):
+        svc.classify([b"concept:dog"], [])
+
+
+def test_tagging_is_idempotent_undoable_filterable_and_exported(svc, tmp_path) -> None:
+    preview = svc.tag("dog,cat,car", name="animals", dry_run=True)
+    assert preview.written == 0 and svc.tags.label_sets() == {}
+    assert preview.counts == {"dog": 10, "cat": 5, "car": 25} and len(preview.examples["cat"]) == 3
+    first = svc.tag("dog,cat,car", name="animals")
+    again = svc.tag("dog,cat,car", name="animals")
+    assert first.written == again.written == 40 and svc.tags.label_sets() == {"animals": 40}
+    page = svc.search("sand", k=20, filters=PhotoFilter(tags=("cat",)))
+    assert sorted(names(page)) == [f"beach/cat{i}.jpg" for i in range(5)]
+    assert "cat" in page.hits[0].tags
+    assert svc.export_tags(str(tmp_path / "t.csv")) == 40
+    rows = list(csv.DictReader(open(tmp_path / "t.csv")))
+    assert {r["label"] for r in rows} == {"dog", "cat", "car"}
+    svc.export_tags(str(tmp_path / "t.json"))
+    assert len(json.load(open(tmp_path / "t.json"))) == 40
+    only_beach = svc.tag("dog,cat", name="beach", filters=PhotoFilter(folder="/p/beach"))
+    assert only_beach.photos_considered == 10
+    assert svc.remove_tags("animals") == 40 and svc.tags.label_sets() == {"beach": 10}
+
+
+def test_empty_library_and_bad_arguments(tmp_path) -> None:
+    cat, store = populate(tmp_path, [])
+    svc = SearchService(cat, store, FakeEncoder())
+    with pytest.raises(EmptyLibrary):
+        svc.search("dog")
+    (tmp_path / "x").mkdir()
+    cat2, store2 = populate(tmp_path / "x", PHOTOS)
+    svc2 = SearchService(cat2, store2, FakeEncoder())
+    for bad in (dict(k=0), dict(offset=-1), dict(sort="random")):
+        with pytest.raises(UsageError):
+            svc2.search("dog", **bad)
+    with pytest.raises(UsageError):
+        svc2.search('"dog" +')
+    with pytest.raises(UsageError, match="cancel"):
+        svc2.search('"dog" - "dog"')

@@ -1,0 +1,66 @@
+"""Library page: counts, failures with reasons, embedding spaces; index a folder with live progress.
+
+Indexing runs as a separate `clipsearch index` process (outside the UI's cached objects); this page polls the
+progress file it writes. The search service notices the new index generation on its next query.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import streamlit as st
+
+from ui.state import config, show_error
+
+st.title("Library")
+try:
+    from ui.commands import status_data
+
+    cfg = config()
+    data = status_data(cfg)
+    cols = st.columns(4)
+    for col, key in zip(cols, ("indexed", "failed", "unsupported", "empty"), strict=True):
+        col.metric(key.capitalize(), data[key])
+    st.subheader("Embedding spaces")
+    st.table([{"model": s["model"], "dim": s["dim"], "vectors": s["vectors"], "index": s["index_type"] or "—"}
+              for s in data["spaces"]] or [{"model": "none yet"}])
+    if data["failures"]:
+        st.subheader("Files that could not be indexed")
+        st.dataframe([{"path": f["path"], "status": f["status"], "reason": f["reason"]} for f in data["failures"]])
+
+    st.subheader("Index a folder")
+    folder = st.text_input("Folder on this machine", key="lib_folder")
+    progress_file = cfg.home / "index-progress.json"
+    if st.button("Index", key="lib_index") and folder:
+        cmd = [sys.executable, "-m", "ui.cli", "index", folder, "--home", str(cfg.home), "--no-progress",
+               "--progress-file", str(progress_file)]
+        if os.environ.get("CLIPSEARCH_MODEL"):
+            cmd += ["--model", os.environ["CLIPSEARCH_MODEL"]]
+        if cfg.db_url:
+            cmd += ["--db", cfg.db_url]
+        progress_file.unlink(missing_ok=True)
+        st.session_state["index_proc"] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    @st.fragment(run_every=1.0)
+    def _progress() -> None:
+        proc = st.session_state.get("index_proc")
+        if proc is None:
+            return
+        info = json.loads(progress_file.read_text()) if progress_file.is_file() else {"done": 0, "total": 0}
+        total = max(1, info.get("total") or 0)
+        st.progress(min(1.0, info["done"] / total), text=f"{info['done']} / {info.get('total', '?')} photos")
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+            if proc.returncode == 0:
+                st.success("Indexing finished.")
+            else:
+                st.error(err.splitlines()[-1] if err else f"indexing failed (exit {proc.returncode})")
+            st.session_state.pop("index_proc", None)
+
+    _progress()
+    st.caption(f"catalog: {data['catalog']} · indexes: {data['index_dir']}")
+except Exception as e:
+    show_error(e)

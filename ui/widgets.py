@@ -1,0 +1,46 @@
+"""Rendering shared by pages: the result grid with "more like this" and "describe" on every hit."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import streamlit as st
+
+from .state import show_error
+
+
+def result_grid(svc: Any, page: Any, key: str, columns: int = 4) -> None:
+    """Thumbnails with file name, score and date; buttons set per-user state for the next run."""
+    if not page.hits:
+        st.info("No matches.")
+        return
+    cols = st.columns(columns)
+    for n, hit in enumerate(page.hits):
+        with cols[n % columns]:
+            try:
+                st.image(svc.thumbnail(hit.id), width="stretch")
+            except Exception as e:  # a photo that vanished since indexing: show why, keep the grid
+                show_error(e)
+            date = hit.date.strftime("%Y-%m-%d") if hit.date else "no date"
+            st.caption(f"**{os.path.basename(hit.path)}** · {hit.score:.3f} · {date}")
+            a, b = st.columns(2)
+            if a.button("More like this", key=f"{key}-more-{hit.id}"):
+                st.session_state["similar_to"] = hit.id
+                st.session_state["offset"] = 0
+                st.rerun()
+            if b.button("Describe", key=f"{key}-desc-{hit.id}"):
+                st.session_state["describe"] = hit.id
+
+
+def describe_panel(svc: Any) -> None:
+    """Image→text for the photo the user asked to describe (built-in vocabulary)."""
+    pid = st.session_state.get("describe")
+    if pid is None:
+        return
+    with st.expander(f"Describe photo #{pid}", expanded=True):
+        try:
+            for r in svc.describe(int(pid), vocab="imagenet", k=5):
+                st.write(f"{r.score:.3f} — {r.label}")
+        except Exception as e:
+            show_error(e)
