@@ -1,0 +1,48 @@
+# The README's two commands: `make demo` (main job, offline) and `make test` (whole suite).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: demo test install install-dev lint bench demo-model clean
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+
+$(VENV)/.installed: $(VENV)/bin/python pyproject.toml
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+## Main job: sample library -> index with the bundled demo model (SQLite in ~/.local/share/clipsearch) -> UI
+demo: install
+	$(VENV)/bin/clipsearch demo
+
+## Whole test suite (unit, integration, PostgreSQL, AppTest, browser e2e, slow)
+test: install-dev
+	./scripts/system-deps.sh
+	$(PY) -m pytest -q
+
+lint: install-dev
+	$(VENV)/bin/ruff check indexer search ui tests bench
+
+## Reproduce the bundled demo model (indexer/models/demo)
+demo-model: install
+	$(VENV)/bin/clipsearch make-sample data/train --count 5000 --seed 1
+	$(VENV)/bin/clipsearch train data/train --captions captions_augmented.txt \
+	  --model indexer/models/clipsearch-demo.json:none --out indexer/models/demo \
+	  --epochs 16 --batch-size 128 --lr 2e-3 --save-half
+
+bench: install
+	$(PY) bench/index_throughput.py
+	$(PY) bench/vector_search.py
+	$(PY) bench/tagging.py
+	$(PY) bench/query_latency.py
+
+clean:
+	rm -rf $(VENV) data test-artifacts
