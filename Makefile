@@ -26,6 +26,7 @@ demo: install
 ## Whole test suite (unit, integration, PostgreSQL, AppTest, browser e2e, slow)
 test: install-dev
 	./scripts/system-deps.sh
+	$(VENV)/bin/ruff check indexer search ui tests bench
 	$(PY) -m pytest -q
 
 lint: install-dev

@@ -63,7 +63,8 @@ def parse_spec(spec: str) -> ParsedSpec:
         return ParsedSpec(Path(spec).name, None, Path(spec).resolve())
     arch, sep, weights = spec.partition(":")
     if not sep or not weights:
-        raise UsageError(f"model spec '{spec}' must be ARCH:WEIGHTS (e.g. ViT-B-32:laion2b_s34b_b79k), a folder or 'demo'")
+        raise UsageError(f"model spec '{spec}' must be ARCH:WEIGHTS (e.g. ViT-B-32:laion2b_s34b_b79k), "
+                         "a model folder or 'demo'")
     if arch.endswith(".json"):
         if not os.path.isfile(arch):
             raise UsageError(f"model config file {arch} does not exist")
@@ -200,7 +201,8 @@ class Encoder:
         size = pp.get("size", 224)
         size = size[0] if isinstance(size, list | tuple) else int(size)
         return PreprocessSpec(size=size, interpolation=str(pp.get("interpolation", "bicubic")),
-                              resize_mode=str(pp.get("resize_mode", "shortest")), fill_color=int(pp.get("fill_color", 0)))
+                              resize_mode=str(pp.get("resize_mode", "shortest")),
+                              fill_color=int(pp.get("fill_color", 0)))
 
     def default_templates(self) -> list[str] | None:
         """Prompt templates shipped with a model folder (one per line, with {}), else None."""
@@ -248,7 +250,7 @@ class Encoder:
             for i in range(0, len(texts), _TEXT_BATCH):
                 tokens = self.tokenizer(list(texts[i : i + _TEXT_BATCH])).to(self.device)
                 outs.append(self._finish(self.model.encode_text(tokens)))
-        return np.concatenate(outs) if outs else np.zeros((0, getattr(self, "space", None) and self.space.dim or 0))
+        return np.concatenate(outs) if outs else np.zeros((0, self.space.dim), np.float32)
 
 
 def imagenet_classnames() -> list[str]:

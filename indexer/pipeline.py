@@ -22,7 +22,7 @@ import numpy as np
 
 from .catalog import Catalog, KnownFile, PhotoRecord
 from .config import IndexOptions
-from .decode import STATUS_INDEXED, STATUS_REUSE, DecodeResult, PreprocessSpec, decode_file
+from .decode import STATUS_INDEXED, STATUS_REUSE, DecodeResult, decode_file
 from .encoder import Encoder
 from .errors import UsageError
 from .scan import SAMPLE_DIR_NAME, FoundFile, _is_within, scan
@@ -152,7 +152,8 @@ class Indexer:
                 unchanged += 1
         return todo, unchanged
 
-    def _decoded(self, todo: list[_Todo], reuse: frozenset[str], report: IndexReport) -> Iterator[tuple[_Todo, DecodeResult]]:
+    def _decoded(self, todo: list[_Todo], reuse: frozenset[str],
+                 report: IndexReport) -> Iterator[tuple[_Todo, DecodeResult]]:
         """Decode results in order, from worker processes running ahead in a bounded window."""
         spec, max_px = self.encoder.preprocess_spec, self.options.max_pixels
         bar = self._progress_bar(len(todo))

@@ -165,7 +165,7 @@ class SearchService:
 
     def similar(self, ref: ImageRef, k: int = 20, offset: int = 0, filters: PhotoFilter = PhotoFilter(),
                 strong: bool = False, sort: str = "relevance") -> SearchPage:
-        """Image→image: photos like an indexed photo id, an image file, or uploaded bytes (the photo itself excluded)."""
+        """Image→image: photos like an indexed photo id, an image file, or uploaded bytes (excluding itself)."""
         if isinstance(ref, str) and ref.isdigit() and not os.path.exists(ref):
             ref = int(ref)
         exclude = {ref} if isinstance(ref, int) else None
@@ -200,7 +200,8 @@ class SearchService:
         from .vocab import templates_for, vocabulary
 
         names = vocabulary(vocab) if vocab is not None else [lab.name for lab in parse_labels(labels)]
-        tmpl = templates if templates is not None else templates_for(names)
+        tmpl = templates if templates is not None else (
+            self.default_templates() if len(names) <= 100 else templates_for(names))
         scores = self.label_vectors(names, tmpl) @ vec
         order = np.argsort(-scores)[:k]
         return [LabelScore(names[i], float(scores[i])) for i in order]
@@ -232,11 +233,16 @@ class SearchService:
             raise UsageError(f"{path} has no text lines")
         return self.texts.replace(name, self.space(require_photos=False).id, lines, self.encoder.encode_texts(lines))
 
-    def neutral_vector(self, templates: list[str] | None) -> np.ndarray:
-        """The reference embedding multi-label probabilities are measured against."""
+    def default_templates(self) -> list[str]:
+        """The model folder's own prompt templates (templates.txt) if it has them, else CLIP's ImageNet ensemble."""
         from .vocab import default_templates
 
-        return self.label_vectors([NEUTRAL_LABEL], templates or default_templates())[0]
+        own = getattr(self.encoder, "default_templates", lambda: None)()
+        return own or default_templates()
+
+    def neutral_vector(self, templates: list[str] | None) -> np.ndarray:
+        """The reference embedding multi-label probabilities are measured against."""
+        return self.label_vectors([NEUTRAL_LABEL], templates or self.default_templates())[0]
 
     # --- browsing ------------------------------------------------------------------------------------------------
     def thumbnail(self, photo_id: int, size: int = 320) -> bytes:

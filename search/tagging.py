@@ -18,7 +18,6 @@ from indexer.errors import UsageError
 from indexer.filters import PhotoFilter, filter_ids
 
 from .results import Classification, LabelScore, TagPreview
-from .vocab import default_templates
 from .zeroshot import load_templates, multi_label_probs, parse_labels, single_label_probs, thresholds
 
 if TYPE_CHECKING:
@@ -41,7 +40,7 @@ def classify(svc: SearchService, images: list[ImageRef], labels: str | list[str]
         raise UsageError("no images to classify")
     labs = parse_labels(labels)
     names = [lab.name for lab in labs]
-    tmpl = load_templates(templates, default_templates())
+    tmpl = load_templates(templates, svc.default_templates())
     lvec = svc.label_vectors(names, tmpl)
     vecs = np.stack([svc.image_vector(ref) for ref in images])
     probs = _probs(svc, vecs, lvec, multi_label, tmpl)
@@ -69,7 +68,7 @@ def tag_library(svc: SearchService, labels: str | list[str], name: str | None = 
     label_set = (name or DEFAULT_SET).strip()
     if not label_set:
         raise UsageError("the label set name is empty")
-    tmpl = load_templates(templates, default_templates())
+    tmpl = load_templates(templates, svc.default_templates())
     space = svc.space()
     lvec = svc.label_vectors(names, tmpl)
     thr = thresholds(labs, threshold if threshold is not None else 0.5)

@@ -48,7 +48,8 @@ try:
 
         bar = st.progress(0.0, text="tagging…")
         result = svc.tag(t_labels, t_name, t_thr, t_multi, PhotoFilter(folder=t_folder or None),
-                         dry_run=not do_apply, on_progress=lambda done, total: bar.progress(min(1.0, done / max(1, total))))
+                         dry_run=not do_apply,
+                         on_progress=lambda done, total: bar.progress(min(1.0, done / max(1, total))))
         bar.progress(1.0, text="done")
         verb = "Would tag" if result.dry_run else f"Tagged ({result.written} tags written)"
         st.write(f"{verb}: {result.photos_considered} photos considered")

@@ -1,0 +1,177 @@
+"""Training, checkpoints, evaluation, sample data and the bundled demo model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexer.datasets import image_folder_classes, load_caption_pairs
+from indexer.sample import SHAPES, make_sample
+from search.evaluate import _recall, _search, build_retrieval_set, evaluate
+
+from .conftest import DATA, TINY
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_CFG = ROOT / "indexer" / "models" / "clipsearch-demo.json"
+# Quality of the bundled model on a fresh held-out set (seed 4242). These are the measured floors of the model we
+# ship, not the issue's target bar (zero-shot 0.95, R@5 0.90 both ways): see bench/RESULTS.md for the gap.
+DEMO_FLOOR = {"t2i_r10": 0.80, "i2t_r10": 0.90, "zs_top5": 0.75}
+
+
+def test_make_sample_layout_formats_orientation_and_seed(tmp_path) -> None:
+    rows = make_sample(tmp_path / "s", 48, seed=3)
+    lines = (tmp_path / "s/captions.txt").read_text().splitlines()
+    assert lines[0] == "image,caption" and len(lines) == 49
+    assert set(image_folder_classes(tmp_path / "s")) == set(SHAPES)
+    suffixes = {Path(rel).suffix for rel, _ in rows}
+    assert {".jpg", ".png", ".webp"} <= suffixes
+    oriented = [rel for rel, _ in rows if rel.endswith(".jpg") and
+                Image.open(tmp_path / "s" / rel).getexif().get(0x0112) == 6]
+    assert oriented, "some JPEGs store EXIF orientation 6"
+    again = make_sample(tmp_path / "t", 48, seed=3)
+    assert [it.caption for _, it in rows] == [it.caption for _, it in again]
+    assert [it.caption for _, it in make_sample(tmp_path / "u", 48, seed=4)] != [it.caption for _, it in rows]
+
+
+def test_caption_layouts_are_read(tmp_path) -> None:
+    make_sample(tmp_path, 6, seed=1)
+    rel = [line.split(",", 1)[0] for line in (tmp_path / "captions.txt").read_text().splitlines()[1:]]
+    (tmp_path / "c.csv").write_text("filepath,title,extra\n" + "".join(f'{r},"a, b",x\n' for r in rel))
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"path": r, "caption": "x"}) + "\n" for r in rel))
+    (tmp_path / "tok.txt").write_text("".join(f"{r}#0\tfirst\n{r}#1\tsecond\n" for r in rel))
+    (tmp_path / "k.json").write_text(json.dumps({"images": [
+        {"filename": r, "split": "test", "sentences": [{"raw": "one"}, {"raw": "two"}]} for r in rel[:3]]
+        + [{"filename": rel[3], "split": "train", "sentences": [{"raw": "x"}]}]}))
+    assert len(load_caption_pairs(tmp_path, "captions.txt")) == 6
+    assert next(iter(load_caption_pairs(tmp_path, "c.csv").values())) == ["a, b"]
+    assert len(load_caption_pairs(tmp_path, "c.jsonl")) == 6
+    assert all(len(v) == 2 for v in load_caption_pairs(tmp_path, "tok.txt").values())
+    assert len(load_caption_pairs(tmp_path, "k.json")) == 3  # the test split only
+
+
+def test_recall_matches_a_hand_computation() -> None:
+    db = np.eye(3, dtype=np.float32)
+    queries = np.array([[1, 0.5, 0], [0, 0.2, 1], [0.1, 0, 0.9]], np.float32)
+    ids = _search(db, queries, 3)  # ranks: q0 -> 0,1,2; q1 -> 2,1,0; q2 -> 2,0,1
+    correct = [{1}, {2}, {0, 1}]  # q0 wants 1 (rank 2), q1 wants 2 (rank 1), q2 wants 0 or 1 (rank 2)
+    r = _recall(ids, correct)
+    assert r["R@1"] == pytest.approx(1 / 3) and r["R@5"] == 1.0
+    rs = build_retrieval_set({Path("a"): ["dog", "cat"], Path("b"): ["dog"]})
+    assert rs.texts == ["dog", "cat"] and rs.text_to_images == [{0, 1}, {0}]  # a shared caption: either image
+
+
+@pytest.mark.integration
+def test_training_loss_falls_checkpoint_round_trips_and_resumes(tmp_path) -> None:
+    from indexer.encoder import Encoder
+    from indexer.training import TrainConfig, train
+
+    make_sample(tmp_path / "d", 64, seed=5)
+    cfg = TrainConfig(data=tmp_path / "d", out=tmp_path / "m", model=TINY, epochs=4, batch_size=16, lr=3e-3,
+                      warmup_steps=2, workers=0)
+    report = train(cfg)
+    losses = [e["train_loss"] for e in report.epochs]
+    assert losses[-1] < losses[0]
+    assert (tmp_path / "m/open_clip_model.safetensors").is_file()
+    a, b = Encoder(str(tmp_path / "m"), "cpu"), Encoder(str(tmp_path / "m"), "cpu")
+    assert np.array_equal(a.encode_texts(["a red circle"]), b.encode_texts(["a red circle"]))
+    assert a.space == b.space and a.space.dim == 32
+    from dataclasses import replace
+
+    resumed = train(replace(cfg, epochs=5, resume=True))
+    assert [e["epoch"] for e in resumed.epochs] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.integration
+def test_saved_model_reproduces_the_in_memory_embeddings(tmp_path) -> None:
+    from indexer.encoder import Encoder
+    from indexer.training import save_model
+
+    src = Encoder(TINY, "cpu")
+    cfg = json.loads((DATA / "tiny-vit.json").read_text())
+    import open_clip
+
+    save_model(src.model, cfg, dict(open_clip.get_model_preprocess_cfg(src.model)), tmp_path / "m", half=False)
+    dst = Encoder(str(tmp_path / "m"), "cpu")
+    pix = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
+    assert np.allclose(src.encode_pixels(pix), dst.encode_pixels(pix), atol=1e-6)
+    assert np.allclose(src.encode_texts(["x y"]), dst.encode_texts(["x y"]), atol=1e-6)
+
+
+def test_bundled_demo_model_is_what_the_documented_command_makes() -> None:
+    folder = ROOT / "indexer" / "models" / "demo"
+    weights = folder / "open_clip_model.safetensors"
+    assert weights.stat().st_size <= 20 * 1024 * 1024
+    bundled = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
+    assert bundled == json.loads(DEMO_CFG.read_text())  # same architecture as `make demo-model` trains
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        assert tuple(f.get_slice("text_projection").get_shape())[1] == bundled["embed_dim"]
+
+
+@pytest.mark.integration
+def test_demo_model_quality_on_fresh_held_out_data(tmp_path) -> None:
+    from indexer.encoder import Encoder
+
+    make_sample(tmp_path / "h", 300, seed=4242)
+    res = evaluate(tmp_path / "h", Encoder("demo", "cpu"))
+    assert res["text_to_image"]["R@10"] >= DEMO_FLOOR["t2i_r10"], res
+    assert res["image_to_text"]["R@10"] >= DEMO_FLOOR["i2t_r10"], res
+    assert res["zero_shot"]["top5"] >= DEMO_FLOOR["zs_top5"], res
+
+
+@pytest.mark.integration
+def test_demo_model_finds_by_meaning(tmp_path) -> None:
+    from indexer.encoder import Encoder
+    from search.service import SearchService
+
+    from .conftest import make_indexer
+
+    rows = make_sample(tmp_path / "lib", 120, seed=21)
+    from indexer.config import AppConfig
+
+    cfg = AppConfig(home=tmp_path / "home", model="demo")
+    enc = Encoder("demo", "cpu")
+    ix = make_indexer(cfg, enc)
+    ix.run([tmp_path / "lib"])
+    svc = SearchService(ix.catalog, ix.store, enc)
+    by_name = {Path(rel).name: it for rel, it in rows}
+    for colour, bg in (("red", "snow"), ("yellow", "night sky"), ("blue", "sand")):
+        want = sum(1 for it in by_name.values() if it.colour == colour and it.background == bg)
+        hits = svc.search(f"a {colour} circle on {bg}", k=max(1, want)).hits
+        got = [by_name[Path(h.path).name] for h in hits]
+        assert sum(it.colour == colour and it.background == bg for it in got) >= max(1, int(0.7 * want)), got
+
+
+@pytest.mark.slow
+def test_retraining_from_scratch_reaches_the_bundled_floor(tmp_path) -> None:
+    """The documented recipe (Makefile demo-model), scaled to the same data and epochs, reaches the same floor."""
+    from indexer.encoder import Encoder
+    from indexer.training import TrainConfig, train
+
+    make_sample(tmp_path / "train", 5000, seed=1)
+    train(TrainConfig(data=tmp_path / "train", out=tmp_path / "m", captions="captions_augmented.txt",
+                      model=f"{DEMO_CFG}:none", epochs=16, batch_size=128, lr=2e-3, save_half=True))
+    make_sample(tmp_path / "h", 300, seed=4242)
+    res = evaluate(tmp_path / "h", Encoder(str(tmp_path / "m"), "cpu"))
+    assert res["text_to_image"]["R@10"] >= DEMO_FLOOR["t2i_r10"], res
+    assert res["image_to_text"]["R@10"] >= DEMO_FLOOR["i2t_r10"], res
+
+
+@pytest.mark.gpu
+def test_cuda_encoder_matches_cpu() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from indexer.encoder import Encoder
+
+    cpu, gpu = Encoder("demo", "cpu"), Encoder("demo", "cuda")
+    pix = np.random.default_rng(0).integers(0, 255, (8, 64, 64, 3), dtype=np.uint8)
+    assert gpu.device == "cuda"
+    assert (cpu.encode_pixels(pix) * gpu.encode_pixels(pix)).sum(1).min() > 0.99  # bf16/fp16 autocast
+    assert (cpu.encode_texts(["a red circle"]) @ gpu.encode_texts(["a red circle"]).T)[0, 0] > 0.99
