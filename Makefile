@@ -37,7 +37,7 @@ demo-model: install
 	$(VENV)/bin/clipsearch make-sample data/train --count 5000 --seed 1
 	$(VENV)/bin/clipsearch train data/train --captions captions_augmented.txt \
 	  --model indexer/models/clipsearch-demo.json:none --out indexer/models/demo \
-	  --epochs 16 --batch-size 128 --lr 2e-3 --save-half
+	  --epochs 10 --batch-size 128 --lr 1e-3 --save-half
 
 bench: install
 	$(PY) bench/index_throughput.py

@@ -151,6 +151,7 @@ def make_sample(out: Path, count: int = 300, seed: int = 0) -> list[tuple[str, S
         f.write("image,caption\n")
         for rel, item in rows:
             f.write(f"{rel},{item.caption}\n")
+    (out / "templates.txt").write_text("a photo of a {}.\na {}\na picture of a {}.\n", encoding="utf-8")
     with open(out / "captions_augmented.txt", "w", encoding="utf-8") as f:  # training: several phrasings each
         f.write("image,caption\n")
         for rel, item in rows:

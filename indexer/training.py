@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -189,6 +190,8 @@ def train(cfg: TrainConfig) -> TrainReport:
         log.warning("epoch %d/%d: loss %.4f val_loss %s (%.0f img/s)", epoch + 1, cfg.epochs, row["train_loss"],
                     f"{row.get('val_loss', float('nan')):.4f}", row["images_per_second"])
         save_model(model, model_cfg, pp, cfg.out, cfg.save_half)
+        if (cfg.data / "templates.txt").is_file():  # prompt templates that fit this data travel with the model
+            shutil.copyfile(cfg.data / "templates.txt", cfg.out / "templates.txt")
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                     "epoch": epoch + 1}, state_path)
         (cfg.out / "train_log.json").write_text(json.dumps(

@@ -17,9 +17,11 @@ from .conftest import DATA, TINY
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CFG = ROOT / "indexer" / "models" / "clipsearch-demo.json"
-# Quality of the bundled model on a fresh held-out set (seed 4242). These are the measured floors of the model we
-# ship, not the target bar (zero-shot 0.95, R@5 0.90 both ways): see bench/RESULTS.md for the gap.
-DEMO_FLOOR = {"t2i_r10": 0.80, "i2t_r10": 0.90, "zs_top5": 0.75}
+# Quality of the bundled model on a fresh held-out set (300 images, seed 4242; measured 0.952 / 0.960 / top-5
+# 0.897). Retrieval meets the bar (R@5 >= 0.90 both ways); zero-shot top-1 does NOT (measured 0.23 against
+# 0.95: the model has not learned shape), so top-5 is asserted as a regression floor; see bench/RESULTS.md.
+DEMO_FLOOR = {"t2i_r5": 0.90, "i2t_r5": 0.90, "zs_top5": 0.85}
+RETRAIN_FLOOR = {"t2i_r5": 0.85, "i2t_r5": 0.85}  # a fresh CPU run is not bit-identical: a little slack
 
 
 def test_make_sample_layout_formats_orientation_and_seed(tmp_path) -> None:
@@ -119,8 +121,8 @@ def test_demo_model_quality_on_fresh_held_out_data(tmp_path) -> None:
 
     make_sample(tmp_path / "h", 300, seed=4242)
     res = evaluate(tmp_path / "h", Encoder("demo", "cpu"))
-    assert res["text_to_image"]["R@10"] >= DEMO_FLOOR["t2i_r10"], res
-    assert res["image_to_text"]["R@10"] >= DEMO_FLOOR["i2t_r10"], res
+    assert res["text_to_image"]["R@5"] >= DEMO_FLOOR["t2i_r5"], res
+    assert res["image_to_text"]["R@5"] >= DEMO_FLOOR["i2t_r5"], res
     assert res["zero_shot"]["top5"] >= DEMO_FLOOR["zs_top5"], res
 
 
@@ -155,11 +157,11 @@ def test_retraining_from_scratch_reaches_the_bundled_floor(tmp_path) -> None:
 
     make_sample(tmp_path / "train", 5000, seed=1)
     train(TrainConfig(data=tmp_path / "train", out=tmp_path / "m", captions="captions_augmented.txt",
-                      model=f"{DEMO_CFG}:none", epochs=16, batch_size=128, lr=2e-3, save_half=True))
+                      model=f"{DEMO_CFG}:none", epochs=10, batch_size=128, lr=1e-3, save_half=True))
     make_sample(tmp_path / "h", 300, seed=4242)
     res = evaluate(tmp_path / "h", Encoder(str(tmp_path / "m"), "cpu"))
-    assert res["text_to_image"]["R@10"] >= DEMO_FLOOR["t2i_r10"], res
-    assert res["image_to_text"]["R@10"] >= DEMO_FLOOR["i2t_r10"], res
+    assert res["text_to_image"]["R@5"] >= RETRAIN_FLOOR["t2i_r5"], res
+    assert res["image_to_text"]["R@5"] >= RETRAIN_FLOOR["i2t_r5"], res
 
 
 @pytest.mark.gpu

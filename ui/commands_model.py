@@ -9,12 +9,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DEMO_TRAIN = ("clipsearch make-sample data/train --count 5000 --seed 1 && "
-              "clipsearch train data/train --captions captions_augmented.txt "
-              "--model indexer/models/clipsearch-demo.json:none --out indexer/models/demo "
-              "--epochs 16 --batch-size 128 --lr 2e-3 --save-half")
-
-
 def add_model_commands(sub: Any) -> None:
     """Register the model-related sub-commands."""
     p = sub.add_parser("make-sample", help="generate a captioned, photo-like sample library")
