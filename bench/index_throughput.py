@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--index-threads", type=int, default=None,
+                    help="torch threads while indexing (default: the pipeline's choice)")
     args = ap.parse_args()
     enc = Encoder(args.model, args.device)
     print(f"model {args.model} on {enc.device}, batch {args.batch_size}, decode workers {args.workers}")
@@ -60,7 +62,8 @@ def main() -> None:
         cfg = AppConfig(home=Path(tmp) / "home", model=args.model)
         parts = open_parts(cfg)
         ix = Indexer(parts.catalog, parts.store, enc, cfg.home,
-                     IndexOptions(batch_size=args.batch_size, workers=args.workers))
+                     IndexOptions(batch_size=args.batch_size, workers=args.workers,
+                                  torch_threads=args.index_threads))
         rep = ix.run([lib])
         e2e = rep.indexed / rep.seconds
         print(f"model-only : {model_only:8.2f} images/s")

@@ -56,4 +56,5 @@ class IndexOptions:
     max_pixels: int = 100_000_000  # decompression-bomb limit (width * height)
     follow_symlinks: bool = False  # follow symlinked dirs/files while walking (loop-safe either way)
     progress: bool = False  # show a progress bar (the CLI turns it on)
+    torch_threads: int | None = None  # model CPU threads while indexing; None keeps torch's default
     vanish_ratio: float = 0.5  # refuse to purge when more than this fraction of known files vanished

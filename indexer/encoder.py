@@ -211,6 +211,13 @@ class Encoder:
             return [t.strip() for t in path.read_text(encoding="utf-8").splitlines() if "{}" in t]
         return None
 
+    def limit_threads(self, n: int | None) -> Any:
+        """Use at most n CPU threads for the model (None: unchanged); returns a function restoring the old count."""
+        old = torch.get_num_threads()
+        if n:
+            torch.set_num_threads(n)
+        return lambda: torch.set_num_threads(old)
+
     def _autocast(self) -> Any:
         if self.device.startswith("cuda"):
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -103,15 +103,19 @@ class Indexer:
 
         claimed: set[int] = set()
         batch = _Batch()
-        done = 0
-        for item, result in self._decoded(todo, frozenset(vanished_by_hash) | frozenset(vec_by_hash), report):
-            self._absorb(item, result, batch, report, vanished_by_hash, vec_by_hash, claimed, embedded)
-            done += 1
-            if len(batch.pixels) >= self.options.batch_size or len(batch.records) >= 4 * self.options.batch_size:
-                self._flush(batch, space_id, report)
-                if on_progress:
-                    on_progress(done, len(todo))
-        self._flush(batch, space_id, report)
+        restore_threads = self.encoder.limit_threads(self._model_threads(len(todo)))
+        try:
+            done = 0
+            for item, result in self._decoded(todo, frozenset(vanished_by_hash) | frozenset(vec_by_hash), report):
+                self._absorb(item, result, batch, report, vanished_by_hash, vec_by_hash, claimed, embedded)
+                done += 1
+                if len(batch.pixels) >= self.options.batch_size or len(batch.records) >= 4 * self.options.batch_size:
+                    self._flush(batch, space_id, report)
+                    if on_progress:
+                        on_progress(done, len(todo))
+            self._flush(batch, space_id, report)
+        finally:
+            restore_threads()
         if on_progress:
             on_progress(len(todo), len(todo))
 
@@ -121,6 +125,10 @@ class Indexer:
         report.stage_seconds["index"] = time.perf_counter() - ts
         report.seconds = time.perf_counter() - t0
         return report
+
+    def _model_threads(self, n_todo: int) -> int | None:
+        """Model threads while decoding (None: torch's default; limiting them measured no gain on 2 cores)."""
+        return self.options.torch_threads if n_todo else None
 
     # --- steps -------------------------------------------------------------------------------------------------
     def _check_roots(self, roots: list[Path]) -> list[Path]:

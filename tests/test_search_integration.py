@@ -77,3 +77,31 @@ def test_tag_dry_run_apply_export_remove(indexed, tmp_path) -> None:
     assert len(list(csv.DictReader(open(out)))) == 8
     assert j(run("tag", "--remove", "pets", "--json", home=home))["removed"] == 8
     assert j(run("search", "a photo", "--tag", label, "--json", home=home)) == []
+
+
+def test_thumbnails_are_upright_cached_and_by_id_only(tmp_path, tiny_encoder) -> None:
+    import io
+
+    from PIL import Image
+
+    from indexer.config import AppConfig
+    from indexer.errors import PhotoNotFound
+    from search.service import SearchService
+
+    from .conftest import make_indexer, make_photo
+
+    src = make_photo(tmp_path / "lib/wide.png", 1, size=(1200, 400))
+    im = Image.open(src)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "lib/rotated.jpg", exif=exif)
+    src.unlink()
+    cfg = AppConfig(home=tmp_path / "home", model="x")
+    ix = make_indexer(cfg, tiny_encoder)
+    ix.run([tmp_path / "lib"])
+    svc = SearchService(ix.catalog, ix.store, tiny_encoder, cache_dir=cfg.home / "cache")
+    thumb = Image.open(io.BytesIO(svc.thumbnail(1, 320)))
+    assert thumb.size == (107, 320)  # upright (portrait) and no larger than requested
+    assert list((cfg.home / "cache/thumbs").glob("1_320_*.jpg"))  # cached in the home dir
+    with pytest.raises(PhotoNotFound):
+        svc.thumbnail(2)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+
 def add_model_commands(sub: Any) -> None:
     """Register the model-related sub-commands."""
     p = sub.add_parser("make-sample", help="generate a captioned, photo-like sample library")
