@@ -187,12 +187,25 @@ class Catalog:
                 for r in conn.execute(q.order_by(spaces.c.id))
             ]
 
-    def space(self, space_id: int) -> SpaceInfo:
-        """One space by id."""
-        for s in self.spaces():
-            if s.id == space_id:
-                return s
+    def space(self, space_id: int, with_count: bool = True) -> SpaceInfo:
+        """One space by id. Counting scans the space's vectors: hot paths pass with_count=False (count is -1)
+        and rely on `generation`, which changes with every change to the space's vectors."""
+        if with_count:
+            for s in self.spaces():
+                if s.id == space_id:
+                    return s
+        else:
+            with self.engine.connect() as conn:
+                r = conn.execute(select(spaces).where(spaces.c.id == space_id)).first()
+            if r is not None:
+                return SpaceInfo(r.id, r.key, r.label, r.model_spec, r.dim, int(r.generation), -1)
         raise CatalogError(f"no embedding space with id {space_id}")
+
+    def has_vectors(self, space_id: int) -> bool:
+        """Whether the space holds any vector (a LIMIT 1 probe, not a count)."""
+        with self.engine.connect() as conn:
+            q = select(embeddings.c.photo_id).where(embeddings.c.space_id == space_id).limit(1)
+            return conn.execute(q).first() is not None
 
     @staticmethod
     def _bump(conn: Connection, space_ids: Iterable[int] | None = None) -> None:

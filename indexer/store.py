@@ -162,11 +162,12 @@ class VectorStore:
 
     def index_for(self, space: SpaceInfo) -> faiss.Index:
         """The up-to-date index of a space: cached, loaded from disk, or rebuilt from the catalog."""
-        space = self.catalog.space(space.id)
+        generation = self.catalog.space(space.id, with_count=False).generation  # one-row read per query
         with self._lock:
             cached = self._loaded.get(space.key)
-            if cached and cached.generation == space.generation and cached.index.ntotal == space.count:
+            if cached and cached.generation == generation:
                 return cached.index
+            space = self.catalog.space(space.id)  # counted only when the index must be (re)loaded
             manifest = self.read_manifest(space)
             problem = self._problem(space, manifest)
             if problem is None:

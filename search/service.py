@@ -71,8 +71,8 @@ class SearchService:
         s = self.encoder.space
         if self._space_id is None:
             self._space_id = self.catalog.ensure_space(s.key, s.label, self.encoder.spec, s.dim)
-        info = self.catalog.space(self._space_id)
-        if require_photos and info.count == 0:
+        info = self.catalog.space(self._space_id, with_count=False)
+        if require_photos and not self.catalog.has_vectors(self._space_id):
             others = [f"{o.model_spec} ({o.count})" for o in self.catalog.spaces() if o.count and o.key != s.key]
             hint = f"; photos are indexed with: {', '.join(others)} (use --model)" if others else ""
             raise EmptyLibrary(f"no photos are indexed with model {self.encoder.spec}{hint}")

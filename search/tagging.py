@@ -73,6 +73,7 @@ def tag_library(svc: SearchService, labels: str | list[str], name: str | None = 
     lvec = svc.label_vectors(names, tmpl)
     thr = thresholds(labs, threshold if threshold is not None else 0.5)
     allowed = filter_ids(svc.catalog, space.id, filters)
+    total = len(allowed) if allowed is not None else svc.catalog.space(space.id).count  # once per run
     rows: list[tuple[int, str, float]] = []
     counts: Counter = Counter()
     first: dict[str, list[int]] = {}
@@ -83,7 +84,7 @@ def tag_library(svc: SearchService, labels: str | list[str], name: str | None = 
             ids, vecs = ids[mask], vecs[mask]
         considered += len(ids)
         if on_progress:
-            on_progress(considered, space.count)
+            on_progress(considered, total)
         probs = _probs(svc, vecs, lvec, multi_label, tmpl)
         if multi_label:
             r, c = np.nonzero(probs >= thr[None, :])
