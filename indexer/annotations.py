@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -64,12 +63,6 @@ class TagStore:
         """Every distinct tag label (for filter widgets)."""
         with self.catalog.engine.connect() as conn:
             return list(conn.execute(select(tags.c.label).distinct().order_by(tags.c.label)).scalars())
-
-    def counts(self, label_set: str) -> Counter:
-        """Label → number of photos carrying it in the set."""
-        with self.catalog.engine.connect() as conn:
-            q = select(tags.c.label, func.count()).where(tags.c.label_set == label_set).group_by(tags.c.label)
-            return Counter({label: int(n) for label, n in conn.execute(q)})
 
     def tags_of(self, photo_ids: list[int]) -> dict[int, list[str]]:
         """Photo id → its tag labels (all sets)."""

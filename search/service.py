@@ -29,6 +29,13 @@ log = logging.getLogger(__name__)
 ImageRef = int | str | bytes  # an indexed photo id, an image file path, or raw image bytes
 
 
+def image_ref(value: ImageRef) -> ImageRef:
+    """A string of digits that is not an existing file means a photo id; anything else is kept as given."""
+    if isinstance(value, str) and value.isdigit() and not os.path.exists(value):
+        return int(value)
+    return value
+
+
 @dataclass(frozen=True)
 class SearchOptions:
     """Relevance and paging policy."""
@@ -166,8 +173,7 @@ class SearchService:
     def similar(self, ref: ImageRef, k: int = 20, offset: int = 0, filters: PhotoFilter = PhotoFilter(),
                 strong: bool = False, sort: str = "relevance") -> SearchPage:
         """Image→image: photos like an indexed photo id, an image file, or uploaded bytes (excluding itself)."""
-        if isinstance(ref, str) and ref.isdigit() and not os.path.exists(ref):
-            ref = int(ref)
+        ref = image_ref(ref)
         exclude = {ref} if isinstance(ref, int) else None
         return self.rank(self.image_vector(ref), k, offset, filters, strong, sort, exclude)
 
@@ -250,14 +256,6 @@ class SearchService:
         from .thumbnails import thumbnail
 
         return thumbnail(self.catalog, (self.cache_dir or Path(".")) / "thumbs", photo_id, size)
-
-    def photo(self, photo_id: int) -> dict[str, Any]:
-        """Catalog row of one photo (PhotoNotFound if unknown)."""
-        row = self.catalog.photos_by_id([photo_id]).get(photo_id)
-        if row is None:
-            raise PhotoNotFound(f"no photo with id {photo_id}")
-        row.pop("path_bytes", None)
-        return row
 
     # --- zero-shot (implemented in tagging.py; methods here so the API mirrors the CLI) --------------------------
     def classify(self, images: list[ImageRef], labels: str | list[str], templates: str | None = None,

@@ -47,9 +47,9 @@ def filters_from(args: argparse.Namespace):  # -> PhotoFilter
 
 def _ref(value: str) -> int | str:
     """A photo id (all digits, not an existing file) or an image path."""
-    import os
+    from search.service import image_ref
 
-    return int(value) if value.isdigit() and not os.path.exists(value) else value
+    return image_ref(value)  # type: ignore[return-value]
 
 
 def cmd_index(args: argparse.Namespace) -> int:
