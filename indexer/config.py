@@ -51,7 +51,7 @@ class IndexOptions:
     """Knobs of one indexing run."""
 
     batch_size: int = 32  # images per embedding batch (and per catalog transaction)
-    workers: int = max(1, (os.cpu_count() or 2) - 1)  # decode worker processes
+    workers: int | None = None  # decode processes; None: every core on a CPU-only machine, cores - 1 beside a GPU
     force: bool = False  # purge vanished files even when most of the library vanished at once
     max_pixels: int = 100_000_000  # decompression-bomb limit (width * height)
     follow_symlinks: bool = False  # follow symlinked dirs/files while walking (loop-safe either way)

@@ -164,8 +164,31 @@ def preprocess(im: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     return np.asarray(out, dtype=np.uint8)
 
 
-def open_image(data: bytes, max_pixels: int, draft_to: int | None = None) -> tuple[Image.Image, str]:
-    """Open, bomb-check, orient and convert to RGB. Raises ValueError with a readable reason on bad input."""
+@dataclass(frozen=True)
+class _Header:
+    """What the file's header says, read before decoding (EXIF is lost once the image is transposed)."""
+
+    width: int  # full-resolution size as displayed (swapped for EXIF orientations that rotate by 90 degrees)
+    height: int
+    taken_at: datetime | None
+    camera_make: str | None
+    camera_model: str | None
+
+
+def _header(im: Image.Image) -> _Header:
+    w, h = im.size
+    try:
+        taken, make, model = _exif_metadata(im)
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block costs its metadata, not the photo
+        taken, make, model, orientation = None, None, None, 1
+    if orientation in (5, 6, 7, 8):
+        w, h = h, w
+    return _Header(w, h, taken, make, model)
+
+
+def _open(data: bytes, max_pixels: int, draft_to: int | None) -> tuple[Image.Image, str, _Header]:
+    """Open once: sniff, bomb-check, read the header, decode (JPEG at a reduced DCT scale), orient, RGB."""
     fmt = sniff_format(data[:32])
     if fmt is None:
         raise ValueError("unsupported: not an image format we accept (content sniffed)")
@@ -178,12 +201,13 @@ def open_image(data: bytes, max_pixels: int, draft_to: int | None = None) -> tup
             w, h = im.size
             if w * h > max_pixels:
                 raise ValueError(f"failed: decompression bomb ({w}x{h} exceeds the {max_pixels}-pixel limit)")
+            header = _header(im)
             if fmt == "JPEG" and draft_to:
                 im.draft("RGB", (draft_to, draft_to))
             im.seek(0)  # first frame of animations
             im.load()
             oriented = ImageOps.exif_transpose(im)
-            return to_rgb(oriented if oriented is not None else im), fmt
+            return to_rgb(oriented if oriented is not None else im), fmt, header
     except ValueError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -193,6 +217,12 @@ def open_image(data: bytes, max_pixels: int, draft_to: int | None = None) -> tup
     except (OSError, SyntaxError, EOFError, IndexError, TypeError) as e:
         msg = str(e) or type(e).__name__
         raise ValueError(f"failed: corrupt or truncated {fmt} ({msg})") from e
+
+
+def open_image(data: bytes, max_pixels: int, draft_to: int | None = None) -> tuple[Image.Image, str]:
+    """Open, bomb-check, orient and convert to RGB. Raises ValueError with a readable reason on bad input."""
+    im, fmt, _ = _open(data, max_pixels, draft_to)
+    return im, fmt
 
 
 def decode_bytes(
@@ -205,12 +235,7 @@ def decode_bytes(
     if digest in reuse_hashes:
         return DecodeResult(STATUS_REUSE, content_hash=digest)
     try:
-        probe = Image.open(io.BytesIO(data)) if sniff_format(data[:32]) else None
-        taken, make, model = _exif_metadata(probe) if probe is not None else (None, None, None)
-    except Exception:
-        taken, make, model = None, None, None
-    try:
-        im, fmt = open_image(data, max_pixels, draft_to=spec.size)
+        im, fmt, head = _open(data, max_pixels, draft_to=spec.size)
         pixels = preprocess(im, spec)
     except ValueError as e:
         status, _, reason = str(e).partition(": ")
@@ -218,18 +243,8 @@ def decode_bytes(
         return DecodeResult(status, reason, content_hash=digest)
     except Exception as e:  # a decoder bug must not stop the run
         return DecodeResult(STATUS_FAILED, f"decoder error: {type(e).__name__}: {e}", content_hash=digest)
-    width, height = _upright_size(probe) if probe is not None else im.size
-    return DecodeResult(STATUS_INDEXED, None, digest, pixels, width, height, taken, make, model, fmt)
-
-
-def _upright_size(im: Image.Image) -> tuple[int, int]:
-    """Full-resolution size as displayed, i.e. swapped for EXIF orientations that rotate by 90 degrees."""
-    w, h = im.size
-    try:
-        orientation = im.getexif().get(0x0112, 1)
-    except Exception:
-        orientation = 1
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    return DecodeResult(STATUS_INDEXED, None, digest, pixels, head.width, head.height, head.taken_at,
+                        head.camera_make, head.camera_model, fmt)
 
 
 def decode_file(

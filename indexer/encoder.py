@@ -251,13 +251,68 @@ class Encoder:
         return self.encode_pixels(result.pixels[None])
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
-        """Embed texts in batches; returns (N, D)."""
-        outs = []
+        """Embed texts in batches; returns (N, D).
+
+        Texts are tokenised once and batched by length. For the standard causal CLIP text tower, a batch runs only
+        up to its longest text's end-of-text token instead of the full context (77 tokens): causal attention means
+        no position looks at the padding after it, so the result is the same and labels encode several times faster.
+        """
+        if not texts:
+            return np.zeros((0, self.space.dim), np.float32)
+        tokens = self.tokenizer(list(texts))
+        tower = _causal_text_tower(self.model)
+        lengths = tokens.argmax(dim=-1) + 1 if tower is not None else torch.full((len(texts),), tokens.shape[1])
+        order = torch.argsort(lengths, stable=True)
+        out: np.ndarray | None = None
         with torch.inference_mode(), self._autocast():
             for i in range(0, len(texts), _TEXT_BATCH):
-                tokens = self.tokenizer(list(texts[i : i + _TEXT_BATCH])).to(self.device)
-                outs.append(self._finish(self.model.encode_text(tokens)))
-        return np.concatenate(outs) if outs else np.zeros((0, self.space.dim), np.float32)
+                idx = order[i : i + _TEXT_BATCH]
+                batch = tokens[idx].to(self.device)
+                if tower is not None:
+                    vecs = self._finish(tower.encode(batch[:, : int(lengths[idx].max())]))
+                else:
+                    vecs = self._finish(self.model.encode_text(batch))
+                if out is None:  # the dimension is known only now when called from __init__
+                    out = np.empty((len(texts), vecs.shape[1]), np.float32)
+                out[idx.numpy()] = vecs
+        assert out is not None
+        return out
+
+
+@dataclass(frozen=True)
+class _CausalTextTower:
+    """The parts of a standard CLIP text tower (causal mask, end-of-text pooling) needed to run it on a prefix."""
+
+    token_embedding: torch.nn.Module
+    positional_embedding: torch.Tensor
+    transformer: torch.nn.Module
+    attn_mask: torch.Tensor
+    ln_final: torch.nn.Module
+    text_projection: Any
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Text features of token rows cut after their longest end-of-text token (argmax pooling)."""
+        n = tokens.shape[1]
+        cast = self.transformer.get_cast_dtype() if hasattr(self.transformer, "get_cast_dtype") else torch.float32
+        x = self.token_embedding(tokens).to(cast) + self.positional_embedding[:n].to(cast)
+        x = self.ln_final(self.transformer(x, attn_mask=self.attn_mask[:n, :n]))
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        if self.text_projection is None:
+            return x
+        proj = self.text_projection
+        return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+
+
+def _causal_text_tower(model: torch.nn.Module) -> _CausalTextTower | None:
+    """The text tower when truncating it is exact (open_clip's CLIP and TextTransformer towers), else None."""
+    owner = getattr(model, "text", model)  # CustomTextCLIP keeps it in .text, CLIP on the model itself
+    pool = getattr(owner, "pool_type", getattr(owner, "text_pool_type", None))
+    parts = [getattr(owner, n, None) for n in ("token_embedding", "positional_embedding", "transformer",
+                                                "attn_mask", "ln_final")]
+    if pool != "argmax" or any(p is None for p in parts) or getattr(owner, "cls_emb", None) is not None \
+            or getattr(owner, "use_pad_mask", False) or not isinstance(parts[3], torch.Tensor):
+        return None
+    return _CausalTextTower(*parts, getattr(owner, "text_projection", None))
 
 
 def imagenet_classnames() -> list[str]:

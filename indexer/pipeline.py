@@ -7,6 +7,7 @@ point loses at most the batch in flight, and a re-run picks up exactly what is m
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing as mp
 import os
@@ -162,11 +163,19 @@ class Indexer:
 
     def _decoded(self, todo: list[_Todo], reuse: frozenset[str],
                  report: IndexReport) -> Iterator[tuple[_Todo, DecodeResult]]:
-        """Decode results in order, from worker processes running ahead in a bounded window."""
+        """Decode results in order, from worker processes.
+
+        On an accelerator, decoding runs ahead of the model in a bounded window (the CPU decodes while the device
+        embeds). When the model runs on the same CPU cores, overlapping only makes decode workers and the
+        model's threads pre-empt each other (one descheduled thread stalls a whole parallel op), so the phases
+        alternate instead: all workers decode one batch while the model is idle, then the model gets every
+        core for that batch. That is the best packing of the two kinds of work on shared cores.
+        """
         spec, max_px = self.encoder.preprocess_spec, self.options.max_pixels
         bar = self._progress_bar(len(todo))
         try:
-            if self.options.workers <= 0 or len(todo) < 2:
+            workers = self._workers()
+            if workers <= 0 or len(todo) < 2:
                 for item in todo:
                     ts = time.perf_counter()
                     result = decode_file(item.file.path, spec, max_px, reuse)
@@ -174,28 +183,42 @@ class Indexer:
                     yield item, result
                     bar and bar.update(1)
                 return
-            window = max(4, self.options.batch_size * 3)
+            overlap = self._model_on_accelerator()
+            window = max(4, self.options.batch_size * 3) if overlap else max(2, self.options.batch_size)
             ctx = mp.get_context("spawn")
-            with ProcessPoolExecutor(self.options.workers, ctx, init_worker, (spec, max_px, reuse)) as pool:
+            with ProcessPoolExecutor(workers, ctx, init_worker, (spec, max_px, reuse)) as pool:
                 pending: deque[tuple[_Todo, Future]] = deque()
                 it = iter(todo)
-                for item in it:
-                    pending.append((item, pool.submit(decode_task, item.file.path)))
-                    if len(pending) >= window:
-                        break
+
+                def refill(n: int) -> None:
+                    for nxt in itertools.islice(it, n):
+                        pending.append((nxt, pool.submit(decode_task, nxt.file.path)))
+
+                refill(window)
                 while pending:
                     item, fut = pending.popleft()
-                    nxt = next(it, None)
-                    if nxt is not None:
-                        pending.append((nxt, pool.submit(decode_task, nxt.file.path)))
+                    if overlap:
+                        refill(1)
                     ts = time.perf_counter()
                     result = fut.result()
                     report.stage_seconds["decode_wait"] += time.perf_counter() - ts
-                    yield item, result
+                    yield item, result  # the consumer embeds here when a batch is full
                     bar and bar.update(1)
+                    if not pending:
+                        refill(window)
         finally:
             if bar:
                 bar.close()
+
+    def _model_on_accelerator(self) -> bool:
+        return not str(getattr(self.encoder, "device", "cpu")).startswith("cpu")
+
+    def _workers(self) -> int:
+        """Decode processes: as set, else every core when phases alternate, cores - 1 beside an accelerator."""
+        if self.options.workers is not None:
+            return self.options.workers
+        cores = os.cpu_count() or 2
+        return max(1, cores - 1) if self._model_on_accelerator() else cores
 
     def _progress_bar(self, total: int) -> Any:
         if not self.options.progress or total == 0:

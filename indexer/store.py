@@ -18,6 +18,7 @@ import math
 import os
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -191,6 +192,37 @@ class VectorStore:
         space = self.catalog.space(space.id)
         if self._problem(space, self.read_manifest(space)) is not None:
             self.rebuild(space)
+
+    def iter_vectors(self, space: SpaceInfo, batch: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Stream (ids, vectors) of a space from its in-memory index: what tagging reads instead of the catalog.
+
+        The index is validated against the catalog's generation first (index_for), so these are the catalog's
+        vectors; reading them from memory avoids streaming every blob out of the database again.
+        """
+        index = self.index_for(space)
+        if isinstance(index, faiss.IndexIDMap2):
+            flat = faiss.downcast_index(index.index)
+            n, d = flat.ntotal, flat.d
+            vecs = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d)
+            ids = faiss.vector_to_array(index.id_map)
+            for start in range(0, n, batch):
+                yield ids[start : start + batch], vecs[start : start + batch]
+            return
+        ivf = faiss.extract_index_ivf(index)  # IVF-Flat: the lists hold the full float32 vectors
+        invlists, d = ivf.invlists, ivf.d
+        id_parts: list[np.ndarray] = []
+        vec_parts: list[np.ndarray] = []
+        have = 0
+        for list_no in range(ivf.nlist):
+            size = invlists.list_size(list_no)
+            if size:
+                id_parts.append(faiss.rev_swig_ptr(invlists.get_ids(list_no), size))
+                codes = faiss.rev_swig_ptr(invlists.get_codes(list_no), size * invlists.code_size)
+                vec_parts.append(codes.view(np.float32).reshape(size, d))
+                have += size
+            if have >= batch or (list_no == ivf.nlist - 1 and have):
+                yield np.concatenate(id_parts).astype(np.int64), np.concatenate(vec_parts)
+                id_parts, vec_parts, have = [], [], 0
 
     # --- searching ---------------------------------------------------------------------------------------------
     def search(

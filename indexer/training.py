@@ -51,6 +51,9 @@ class TrainConfig:
     save_half: bool = False  # store weights as float16 (halves the file; used for the bundled demo model)
     workers: int = 2  # decode processes for the one-time image load
     hard_batches: float = 0.5  # share of batches whose captions differ in one word only (hard negatives)
+    hard_word: int | None = None  # word position (in the first caption) hard batches differ in; None: random/epoch
+    resize_mode: str | None = None  # override the model's resize mode (shortest | longest | squash); saved with it
+    flip: bool = False  # random horizontal flips (for data whose captions do not mention left and right)
 
 
 @dataclass
@@ -119,6 +122,8 @@ def train(cfg: TrainConfig) -> TrainReport:
         raise UsageError("need at least two training images")
     model, tokenizer, pp, parsed = build_model(cfg.model, device)
     model_cfg = _model_cfg(cfg.model, parsed)
+    if cfg.resize_mode:
+        pp = {**pp, "resize_mode": cfg.resize_mode}
     from .encoder import Encoder
 
     spec = Encoder.preprocess_spec_from(pp)
@@ -140,6 +145,8 @@ def train(cfg: TrainConfig) -> TrainReport:
                 used.add(cap)
                 chosen.append((p, cap))
         x = torch.from_numpy(pixels[[index_of[p] for p, _ in chosen]]).to(device)
+        if cfg.flip:
+            x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(2), x)
         x = x.permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std)
         return x, tokenizer([c for _, c in chosen]).to(device)
 
@@ -168,7 +175,8 @@ def train(cfg: TrainConfig) -> TrainReport:
     seen, t_train = 0, time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        batches = _epoch_batches(train_imgs, pairs, cfg.batch_size, cfg.hard_batches, rnd)[:steps_per_epoch]
+        batches = _epoch_batches(train_imgs, pairs, cfg.batch_size, cfg.hard_batches, rnd, cfg.hard_word)
+        batches = batches[:steps_per_epoch]
         losses = []
         for batch in batches:
             x, tokens = batch_tensors(batch)
@@ -201,7 +209,7 @@ def train(cfg: TrainConfig) -> TrainReport:
 
 
 def _epoch_batches(images: list[Path], pairs: dict[Path, list[str]], bs: int, hard: float,
-                   rnd: random.Random) -> list[list[Path]]:
+                   rnd: random.Random, hard_word: int | None = None) -> list[list[Path]]:
     """One epoch of batches: a share of them are hard-negative batches.
 
     In a random batch, the easy attributes of a caption (colour, background) already tell the positive from nearly
@@ -213,7 +221,7 @@ def _epoch_batches(images: list[Path], pairs: dict[Path, list[str]], bs: int, ha
     n_hard = int(len(order) * hard)
     hard_part, easy_part = order[:n_hard], order[n_hard:]
     words = max(1, min(len(pairs[p][0].split()) for p in hard_part)) if hard_part else 1
-    drop = rnd.randrange(words)
+    drop = rnd.randrange(words) if hard_word is None else min(hard_word, words - 1)
 
     def key(p: Path) -> str:
         w = pairs[p][0].split()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -62,7 +61,12 @@ def tag_library(svc: SearchService, labels: str | list[str], name: str | None = 
                 threshold: float | None = None, multi_label: bool = False, filters: PhotoFilter = PhotoFilter(),
                 dry_run: bool = False, templates: str | None = None, examples: int = 3,
                 on_progress: Any = None) -> TagPreview:
-    """Tag every indexed photo (or the filtered ones) with the labels that pass; preview with dry_run."""
+    """Tag every indexed photo (or the filtered ones) with the labels that pass; preview with dry_run.
+
+    Vectors come from the space's in-memory index (validated against the catalog), are scored against the label
+    embeddings in chunks, and only the passing (photo, label, score) triples are kept, as arrays; examples are each
+    label's strongest matches.
+    """
     labs = parse_labels(labels)
     names = [lab.name for lab in labs]
     label_set = (name or DEFAULT_SET).strip()
@@ -72,35 +76,72 @@ def tag_library(svc: SearchService, labels: str | list[str], name: str | None = 
     space = svc.space()
     lvec = svc.label_vectors(names, tmpl)
     thr = thresholds(labs, threshold if threshold is not None else 0.5)
+    neutral = svc.neutral_vector(tmpl) if multi_label else None
     allowed = filter_ids(svc.catalog, space.id, filters)
-    total = len(allowed) if allowed is not None else svc.catalog.space(space.id).count  # once per run
-    rows: list[tuple[int, str, float]] = []
-    counts: Counter = Counter()
-    first: dict[str, list[int]] = {}
+    total = len(allowed) if allowed is not None else space.count
+    scale = float(svc.encoder.logit_scale)
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     considered = 0
-    for ids, vecs in svc.catalog.iter_vectors(space.id):
+    for ids, vecs in svc.store.iter_vectors(space):
         if allowed is not None:
             mask = np.isin(ids, allowed)
             ids, vecs = ids[mask], vecs[mask]
+        if len(ids):
+            rows, cols, probs = passing_labels(vecs, lvec, thr, scale, neutral)
+            parts.append((ids[rows], cols, probs))
         considered += len(ids)
         if on_progress:
             on_progress(considered, total)
-        probs = _probs(svc, vecs, lvec, multi_label, tmpl)
-        if multi_label:
-            r, c = np.nonzero(probs >= thr[None, :])
-        else:
-            c = probs.argmax(axis=1)
-            r = np.nonzero(probs[np.arange(len(c)), c] >= thr[c])[0]
-            c = c[r]
-        for pid, li, p in zip(ids[r].tolist(), c.tolist(), probs[r, c].tolist(), strict=True):
-            rows.append((pid, names[li], p))
-            counts[names[li]] += 1
-            if len(first.setdefault(names[li], [])) < examples:
-                first[names[li]].append(pid)
-    paths = svc.catalog.photos_by_id([p for ids in first.values() for p in ids])
-    example_paths = {label: [paths[p]["path"] for p in ids] for label, ids in first.items()}
-    written = 0 if dry_run else svc.tags.replace_set(label_set, space.id, iter(rows))
-    return TagPreview(label_set, considered, {n: counts.get(n, 0) for n in names}, example_paths, written, dry_run)
+    pids, cols, probs = _concat(parts)
+    counts = np.bincount(cols, minlength=len(names))
+    example_ids = _strongest(pids, cols, probs, len(names), examples)
+    paths = svc.catalog.photos_by_id([p for ids in example_ids.values() for p in ids])
+    example_paths = {names[c]: [paths[p]["path"] for p in ids] for c, ids in example_ids.items()}
+    written = 0 if dry_run else svc.tags.replace_set(label_set, space.id, pids, cols, probs, names)
+    return TagPreview(label_set, considered, {n: int(counts[i]) for i, n in enumerate(names)}, example_paths,
+                      written, dry_run)
+
+
+def passing_labels(vecs: np.ndarray, labels: np.ndarray, thr: np.ndarray, scale: float,
+                   neutral: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, label, probability) of every label that passes its threshold, for a chunk of image vectors.
+
+    Single-label (neutral None): the best label per image with its softmax probability, computed without
+    materialising the probability matrix. Multi-label: the threshold on sigmoid(scale * (s - s_neutral)) becomes a
+    cut on the cosine gap, so only passing entries get a probability.
+    """
+    logits = vecs @ (labels * np.float32(scale)).T  # (n, L): scaled cosines, scale folded into the small side
+    if neutral is None:
+        best = logits.argmax(axis=1)
+        top = logits[np.arange(len(best)), best]
+        logits -= top[:, None]
+        np.exp(logits, out=logits)
+        prob = (1.0 / logits.sum(axis=1)).astype(np.float32)
+        rows = np.nonzero(prob >= thr[best])[0]
+        return rows, best[rows].astype(np.int64), prob[rows]
+    logits -= (vecs @ neutral.reshape(-1) * np.float32(scale))[:, None]
+    with np.errstate(divide="ignore"):
+        cut = np.log(thr) - np.log1p(-thr)  # logit(thr): -inf for 0, +inf for 1
+    rows, cols = np.nonzero(logits >= cut[None, :])
+    prob = (1.0 / (1.0 + np.exp(-logits[rows, cols]))).astype(np.float32)
+    return rows, cols.astype(np.int64), prob
+
+
+def _concat(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
+
+
+def _strongest(pids: np.ndarray, cols: np.ndarray, probs: np.ndarray, n_labels: int, k: int) -> dict[int, list[int]]:
+    """label index → up to k photo ids with the highest probability for it (ties: lower id first)."""
+    if k <= 0 or len(pids) == 0:
+        return {}
+    order = np.lexsort((pids, -probs, cols))
+    starts = np.searchsorted(cols[order], np.arange(n_labels))
+    ends = np.searchsorted(cols[order], np.arange(n_labels), side="right")
+    spans = zip(starts.tolist(), ends.tolist(), strict=True)
+    return {c: pids[order[s:min(e, s + k)]].tolist() for c, (s, e) in enumerate(spans) if e > s}
 
 
 def export_tags(svc: SearchService, path: str, label_set: str | None = None) -> int:

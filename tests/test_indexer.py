@@ -186,3 +186,29 @@ def test_inline_decoding_matches_worker_decoding(library, tmp_path, tiny_encoder
     sa, sb = a.catalog.spaces()[0].id, b.catalog.spaces()[0].id
     va, vb = a.catalog.vectors_for(sa, list(range(1, 9))), b.catalog.vectors_for(sb, list(range(1, 9)))
     assert all(np.allclose(va[i], vb[i], atol=1e-5) for i in va)
+
+
+class _ReportsDevice:
+    """The real tiny encoder, reporting another device so the pipeline picks that device's decode schedule."""
+
+    def __init__(self, encoder, device: str) -> None:
+        self._enc, self.device = encoder, device
+
+    def __getattr__(self, name):
+        return getattr(self._enc, name)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+def test_alternating_and_overlapping_schedules_index_the_same(library, tmp_path, tiny_encoder, device) -> None:
+    """CPU-only: decode and embed phases alternate on all cores; with an accelerator they overlap. Same result."""
+    from indexer.config import AppConfig
+
+    ref = make_indexer(AppConfig(home=tmp_path / "ref", model="x"), tiny_encoder, workers=0)
+    ix = make_indexer(AppConfig(home=tmp_path / device, model="x"), _ReportsDevice(tiny_encoder, device),
+                      workers=None, batch_size=3)
+    assert ix._workers() == (os.cpu_count() if device == "cpu" else max(1, os.cpu_count() - 1))
+    r0, r1 = ref.run([library]), ix.run([library])
+    assert (r1.indexed, dict(r1.failed)) == (r0.indexed, dict(r0.failed)) and r1.indexed == 8
+    s0, s1 = ref.catalog.spaces()[0].id, ix.catalog.spaces()[0].id
+    v0, v1 = ref.catalog.vectors_for(s0, list(range(1, 20))), ix.catalog.vectors_for(s1, list(range(1, 20)))
+    assert v0.keys() == v1.keys() and all(np.allclose(v0[i], v1[i], atol=1e-5) for i in v0)

@@ -177,3 +177,23 @@ def test_cuda_encoder_matches_cpu() -> None:
     assert gpu.device == "cuda"
     assert (cpu.encode_pixels(pix) * gpu.encode_pixels(pix)).sum(1).min() > 0.99  # bf16/fp16 autocast
     assert (cpu.encode_texts(["a red circle"]) @ gpu.encode_texts(["a red circle"]).T)[0, 0] > 0.99
+
+
+@pytest.mark.parametrize("custom_text", [False, True])
+def test_text_encoding_on_a_prefix_equals_the_full_context(tmp_path, custom_text) -> None:
+    """encode_texts runs the causal text tower only up to the longest end-of-text token; results must not change."""
+    import torch
+
+    from indexer.encoder import Encoder, _causal_text_tower
+
+    cfg = json.loads((DATA / "tiny-vit.json").read_text())
+    cfg["custom_text"] = custom_text  # CustomTextCLIP keeps the tower in model.text
+    path = tmp_path / f"tiny-text-{int(custom_text)}.json"
+    path.write_text(json.dumps(cfg))
+    enc = Encoder(f"{path}:none", "cpu")
+    assert _causal_text_tower(enc.model) is not None
+    texts = ["x", "a dog on a beach at sunset with two friends and a red ball", "a photo of a cat."] * 100
+    fast = enc.encode_texts(texts)
+    with torch.inference_mode():
+        full = torch.nn.functional.normalize(enc.model.encode_text(enc.tokenizer(texts)).float(), dim=-1).numpy()
+    np.testing.assert_allclose(fast, full, atol=1e-5)

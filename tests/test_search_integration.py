@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from .conftest import TINY
@@ -105,3 +106,25 @@ def test_thumbnails_are_upright_cached_and_by_id_only(tmp_path, tiny_encoder) ->
     assert list((cfg.home / "cache/thumbs").glob("1_320_*.jpg"))  # cached in the home dir
     with pytest.raises(PhotoNotFound):
         svc.thumbnail(2)
+
+
+@pytest.mark.parametrize("exact_max", [100_000, 10])
+def test_store_streams_the_catalogs_vectors_for_flat_and_ivf(tmp_path, exact_max) -> None:
+    """Tagging reads vectors from the in-memory index; they must be exactly the catalog's, for both index types."""
+    from indexer.catalog import Catalog, PhotoRecord
+    from indexer.store import StoreOptions, VectorStore
+
+    cat = Catalog(f"sqlite:///{tmp_path / 'c.db'}")
+    sid = cat.ensure_space("k", "test", "test", 16)
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(3000, 16)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    recs = [PhotoRecord(f"/p/{i}.jpg".encode(), 1, 1, "indexed", content_hash=str(i)) for i in range(3000)]
+    cat.write_batch(sid, recs, dict(enumerate(vecs)))
+    store = VectorStore(tmp_path / "idx", cat, StoreOptions(exact_max=exact_max))
+    got_ids, got_vecs = zip(*store.iter_vectors(cat.space(sid), batch=700), strict=True)
+    ids, streamed = np.concatenate(got_ids), np.concatenate(got_vecs)
+    assert store._loaded["k"].kind.startswith("flat" if exact_max > 3000 else "ivf")
+    assert sorted(ids.tolist()) == sorted(cat.embedded_ids(sid))
+    want = {i: v for chunk_ids, chunk in cat.iter_vectors(sid) for i, v in zip(chunk_ids, chunk, strict=True)}
+    assert all(np.array_equal(want[i], v) for i, v in zip(ids.tolist(), streamed, strict=True))

@@ -7,6 +7,7 @@ import csv
 import json
 from datetime import datetime
 
+import numpy as np
 import pytest
 
 from indexer.errors import BadImage, EmptyLibrary, PhotoNotFound, UsageError
@@ -137,3 +138,45 @@ def test_empty_library_and_bad_arguments(tmp_path) -> None:
         svc2.search('"dog" +')
     with pytest.raises(UsageError, match="cancel"):
         svc2.search('"dog" - "dog"')
+
+
+def test_tag_probabilities_match_the_reference_softmax_and_sigmoid() -> None:
+    """The chunked tagging math (no probability matrix) gives exactly what the textbook formulas give."""
+    from search.tagging import passing_labels
+    from search.zeroshot import multi_label_probs, single_label_probs
+
+    rng = np.random.default_rng(3)
+    vecs = rng.normal(size=(500, 32)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    labels = rng.normal(size=(7, 32)).astype(np.float32)
+    labels /= np.linalg.norm(labels, axis=1, keepdims=True)
+    thr = np.array([0.0, 0.3, 0.5, 0.7, 0.9, 1.0, 0.2], np.float32)
+    rows, cols, probs = passing_labels(vecs, labels, thr, 30.0)
+    ref = single_label_probs(vecs, labels, 30.0)
+    best = ref.argmax(axis=1)
+    want = np.nonzero(ref[np.arange(500), best] >= thr[best])[0]
+    assert 0 < len(want) < 500  # the thresholds really cut
+    assert rows.tolist() == want.tolist() and cols.tolist() == best[want].tolist()
+    np.testing.assert_allclose(probs, ref[want, best[want]], rtol=1e-5)
+    neutral = labels[0] + labels[1]
+    neutral /= np.linalg.norm(neutral)
+    thr[5] = 0.99  # 1.0 would differ only by float32 rounding (sigmoid < 1 but rounds to 1.0 in the reference)
+    rows, cols, probs = passing_labels(vecs, labels, thr, 30.0, neutral)
+    ref = multi_label_probs(vecs, labels, neutral, 30.0)
+    want_r, want_c = np.nonzero(ref >= thr[None, :])
+    assert set(zip(rows.tolist(), cols.tolist())) == set(zip(want_r.tolist(), want_c.tolist()))
+    np.testing.assert_allclose(probs, ref[rows, cols], rtol=1e-4)
+
+
+def test_tag_examples_are_each_labels_strongest_matches(tmp_path) -> None:
+    photos = [("/p/a/dogcar.jpg", "dog car park", None), ("/p/a/dog.jpg", "dog", None),
+              ("/p/a/doggrass.jpg", "dog grass", None), ("/p/a/car.jpg", "car", None)]
+    cat, store = populate(tmp_path, photos)
+    svc = SearchService(cat, store, FakeEncoder())
+    preview = svc.tag("dog,car", name="x", threshold=0.0)
+    assert preview.examples["dog"][0] == "/p/a/dog.jpg" and preview.examples["car"][0] == "/p/a/car.jpg"
+    assert sum(preview.counts.values()) == preview.written == 4
+    stored = {r.path: (r.label, r.score) for r in svc.tags.rows("x")}
+    (expect,) = svc.classify([1], "dog,car", k=2)  # photo id 1 is dogcar.jpg: tags hold classify's probability
+    assert stored["/p/a/dogcar.jpg"][0] == expect.labels[0].label
+    assert abs(stored["/p/a/dogcar.jpg"][1] - expect.labels[0].score) < 1e-5

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="index photo folders (incremental)")
     p.add_argument("paths", nargs="+", type=Path)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=None, help="decode worker processes (default: cores - 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decode worker processes (default: all cores; cores - 1 with a GPU)")
     p.add_argument("--force", action="store_true", help="remove vanished files even if most of the library vanished")
     p.add_argument("--follow-symlinks", action="store_true")
     p.add_argument("--max-pixels", type=int, default=100_000_000, help="decompression-bomb limit")
