@@ -108,9 +108,11 @@ class Indexer:
         try:
             done = 0
             for item, result in self._decoded(todo, frozenset(vanished_by_hash) | frozenset(vec_by_hash), report):
-                self._absorb(item, result, batch, report, vanished_by_hash, vec_by_hash, claimed, embedded)
-                done += 1
-                if len(batch.pixels) >= self.options.batch_size or len(batch.records) >= 4 * self.options.batch_size:
+                if item is not None:
+                    self._absorb(item, result, batch, report, vanished_by_hash, vec_by_hash, claimed, embedded)
+                    done += 1
+                full = len(batch.pixels) >= self.options.batch_size or len(batch.records) >= 4 * self.options.batch_size
+                if (full or item is None) and not batch.empty():  # None: a decode phase ended (see _decoded)
                     self._flush(batch, space_id, report)
                     if on_progress:
                         on_progress(done, len(todo))
@@ -162,14 +164,15 @@ class Indexer:
         return todo, unchanged
 
     def _decoded(self, todo: list[_Todo], reuse: frozenset[str],
-                 report: IndexReport) -> Iterator[tuple[_Todo, DecodeResult]]:
+                 report: IndexReport) -> Iterator[tuple[_Todo, DecodeResult] | tuple[None, None]]:
         """Decode results in order, from worker processes.
 
         On an accelerator, decoding runs ahead of the model in a bounded window (the CPU decodes while the device
         embeds). When the model runs on the same CPU cores, overlapping only makes decode workers and the
         model's threads pre-empt each other (one descheduled thread stalls a whole parallel op), so the phases
         alternate instead: all workers decode one batch while the model is idle, then the model gets every
-        core for that batch. That is the best packing of the two kinds of work on shared cores.
+        core for that batch. That is the best packing of the two kinds of work on shared cores. The end of each
+        decode phase is yielded as (None, None) so that the consumer embeds then, even if some files failed.
         """
         spec, max_px = self.encoder.preprocess_spec, self.options.max_pixels
         bar = self._progress_bar(len(todo))
@@ -204,6 +207,8 @@ class Indexer:
                     report.stage_seconds["decode_wait"] += time.perf_counter() - ts
                     yield item, result  # the consumer embeds here when a batch is full
                     bar and bar.update(1)
+                    if not pending and not overlap:
+                        yield None, None  # end of a decode phase: embed what it produced while workers are idle
                     if not pending:
                         refill(window)
         finally:

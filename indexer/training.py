@@ -134,12 +134,13 @@ def train(cfg: TrainConfig) -> TrainReport:
     mean = torch.tensor(pp["mean"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(pp["std"], device=device).view(1, 3, 1, 1)
 
-    def batch_tensors(batch: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch_tensors(batch: list[Path], hard: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         # Contrastive loss treats every other caption in the batch as a negative, so an identical caption on two
         # images would be a false negative: pick captions so that none repeats (first caption as the fallback).
+        # Hard batches keep the first captions: those are the ones that differ in exactly one word.
         chosen, used = [], set()
         for p in batch:
-            options = [rnd.choice(pairs[p]), pairs[p][0]]
+            options = [pairs[p][0]] if hard else [rnd.choice(pairs[p]), pairs[p][0]]
             cap = next((c for c in options if c not in used), None)
             if cap is not None:
                 used.add(cap)
@@ -178,8 +179,8 @@ def train(cfg: TrainConfig) -> TrainReport:
         batches = _epoch_batches(train_imgs, pairs, cfg.batch_size, cfg.hard_batches, rnd, cfg.hard_word)
         batches = batches[:steps_per_epoch]
         losses = []
-        for batch in batches:
-            x, tokens = batch_tensors(batch)
+        for batch, hard in batches:
+            x, tokens = batch_tensors(batch, hard)
             with amp:
                 img_f, txt_f, scale = model(x, tokens)[:3]
                 loss = loss_fn(img_f, txt_f, scale)
@@ -209,12 +210,13 @@ def train(cfg: TrainConfig) -> TrainReport:
 
 
 def _epoch_batches(images: list[Path], pairs: dict[Path, list[str]], bs: int, hard: float,
-                   rnd: random.Random, hard_word: int | None = None) -> list[list[Path]]:
-    """One epoch of batches: a share of them are hard-negative batches.
+                   rnd: random.Random, hard_word: int | None = None) -> list[tuple[list[Path], bool]]:
+    """One epoch of (batch, is_hard) pairs: a share of them are hard-negative batches.
 
     In a random batch, the easy attributes of a caption (colour, background) already tell the positive from nearly
-    every negative, so the hard ones (shape) get no gradient. A hard batch gathers images whose first captions are
-    equal once one word (chosen per epoch) is removed: its negatives differ from the positive in that word only.
+    every negative, so the hard ones (shape) get no gradient. A hard batch is made of *sets*: images whose first
+    captions are equal but for one word (a position chosen per epoch, or `hard_word`), one image per distinct word,
+    so every image in a set is a negative that differs from the positive in that word only, and no caption repeats.
     """
     order = images[:]
     rnd.shuffle(order)
@@ -222,16 +224,35 @@ def _epoch_batches(images: list[Path], pairs: dict[Path, list[str]], bs: int, ha
     hard_part, easy_part = order[:n_hard], order[n_hard:]
     words = max(1, min(len(pairs[p][0].split()) for p in hard_part)) if hard_part else 1
     drop = rnd.randrange(words) if hard_word is None else min(hard_word, words - 1)
-
-    def key(p: Path) -> str:
+    groups: dict[str, dict[str, list[Path]]] = {}
+    for p in hard_part:
         w = pairs[p][0].split()
-        return " ".join(w[:drop] + w[drop + 1 :])
-
-    hard_part.sort(key=key)  # stable after the shuffle: random order within a key
-    batches = [hard_part[i : i + bs] for i in range(0, len(hard_part), bs)]
-    batches += [easy_part[i : i + bs] for i in range(0, len(easy_part), bs)]
+        groups.setdefault(" ".join(w[:drop] + w[drop + 1 :]), {}).setdefault(w[drop], []).append(p)
+    rounds: list[list[tuple[str, list[Path]]]] = []  # round k holds the k-th set of every group
+    for key, by_word in groups.items():
+        k = 0
+        while by_word:
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append((key, [members.pop() for members in by_word.values()]))
+            by_word = {w: v for w, v in by_word.items() if v}
+            k += 1
+    batches: list[tuple[list[Path], bool]] = []
+    current: list[Path] = []
+    keys: set[str] = set()
+    for one_round in rounds:
+        rnd.shuffle(one_round)
+        for key, one_set in one_round:
+            if current and (len(current) + len(one_set) > bs or key in keys):  # two sets of a group would
+                batches.append((current, True))  # repeat their captions
+                current, keys = [], set()
+            current.extend(one_set)
+            keys.add(key)
+    if current:
+        batches.append((current, True))
+    batches += [(easy_part[i : i + bs], False) for i in range(0, len(easy_part), bs)]
     rnd.shuffle(batches)
-    return [b for b in batches if len(b) >= 2]
+    return [b for b in batches if len(b[0]) >= 2]
 
 
 def _validate(model, val_imgs, batch_tensors, loss_fn, bs: int) -> dict:

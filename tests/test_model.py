@@ -197,3 +197,23 @@ def test_text_encoding_on_a_prefix_equals_the_full_context(tmp_path, custom_text
     with torch.inference_mode():
         full = torch.nn.functional.normalize(enc.model.encode_text(enc.tokenizer(texts)).float(), dim=-1).numpy()
     np.testing.assert_allclose(fast, full, atol=1e-5)
+
+
+def test_hard_batches_hold_sets_that_differ_in_one_word_only() -> None:
+    """Every image lands in one batch per epoch; hard batches never repeat a caption, and each image has negatives
+    whose first caption differs from its own in the chosen word only."""
+    import random
+
+    from indexer.training import _epoch_batches
+
+    pairs = {Path(f"{i}.png"): [f"a {size} {colour} {shape} on {bg}"]
+             for i, (size, colour, shape, bg) in enumerate(
+                 (s, c, h, b) for s in ("small", "large") for c in ("red", "blue") for h in SHAPES
+                 for b in ("grass", "sand") for _ in range(3))}
+    batches = _epoch_batches(sorted(pairs), pairs, 20, 1.0, random.Random(0), hard_word=3)
+    assert sorted(p for b, _ in batches for p in b) == sorted(pairs) and all(hard for _, hard in batches)
+    for batch, _ in batches:
+        caps = [pairs[p][0] for p in batch]
+        assert len(set(caps)) == len(caps)
+        rest = [" ".join(c.split()[:3] + c.split()[4:]) for c in caps]
+        assert sum(rest.count(r) - 1 for r in rest) > 0  # shape-only negatives are present

@@ -31,6 +31,12 @@ def add_model_commands(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     p.add_argument("--save-half", action="store_true", help="store float16 weights")
+    p.add_argument("--resize-mode", choices=["shortest", "longest", "squash"],
+                   help="how photos are fitted to the model's square input (saved with the model)")
+    p.add_argument("--hard-batches", type=float, default=0.5, help="share of hard-negative batches (0..1)")
+    p.add_argument("--hard-word", type=int, default=None,
+                   help="word position the hard-negative batches differ in (default: a random one per epoch)")
+    p.add_argument("--flip", action="store_true", help="random horizontal flips (captions without left/right)")
 
     p = sub.add_parser("eval", help="retrieval recall and zero-shot accuracy of a model on a folder")
     p.add_argument("dir", type=Path)
@@ -65,7 +71,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(data=args.data, out=args.out, captions=args.captions, model=args.model or "ViT-B-32:none",
                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
                       weight_decay=args.weight_decay, freeze_image=args.freeze_image, val_fraction=args.val_fraction,
-                      seed=args.seed, device=args.device, resume=args.resume, save_half=args.save_half)
+                      seed=args.seed, device=args.device, resume=args.resume, save_half=args.save_half,
+                      resize_mode=args.resize_mode, hard_batches=args.hard_batches, hard_word=args.hard_word,
+                      flip=args.flip)
     report = train(cfg)
     from .commands import _out
 
