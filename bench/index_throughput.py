@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from indexer.app import open_parts
-from indexer.config import AppConfig, IndexOptions
 from indexer.decode import PreprocessSpec
-from indexer.encoder import Encoder
-from indexer.pipeline import Indexer
 from indexer.workers import decode_task, init_worker
+
+# torch (via indexer.encoder / indexer.pipeline) is imported inside main() only: decode workers are spawned, and a
+# spawned child re-imports the main script's top-level imports, which would cost every worker seconds of start-up
+# (the `clipsearch` CLI keeps its heavy imports lazy for the same reason).
 
 
 def make_jpegs(folder: Path, count: int, size: tuple[int, int]) -> None:
@@ -62,15 +62,22 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--index-threads", type=int, default=None,
                     help="torch threads while indexing (default: the pipeline's choice)")
+    ap.add_argument("--photos", type=Path, help="keep the generated JPEGs in this folder and reuse them")
     args = ap.parse_args()
+    from indexer.app import open_parts
+    from indexer.config import AppConfig, IndexOptions
+    from indexer.encoder import Encoder
+    from indexer.pipeline import Indexer
+
     enc = Encoder(args.model, args.device)
     print(f"model {args.model} on {enc.device}, batch {args.batch_size}, decode workers {args.workers or 'auto'}")
     with tempfile.TemporaryDirectory() as tmp:
-        lib = Path(tmp) / "photos"
-        lib.mkdir()
-        t = time.perf_counter()
-        make_jpegs(lib, args.count, (4000, 3000))
-        print(f"generated {args.count} 4000x3000 JPEGs in {time.perf_counter() - t:.1f}s")
+        lib = args.photos or Path(tmp) / "photos"
+        lib.mkdir(parents=True, exist_ok=True)
+        if len(list(lib.glob("IMG_*.jpg"))) != args.count:
+            t = time.perf_counter()
+            make_jpegs(lib, args.count, (4000, 3000))
+            print(f"generated {args.count} 4000x3000 JPEGs in {time.perf_counter() - t:.1f}s")
         s = enc.preprocess_spec.size
         pix = np.random.default_rng(1).integers(0, 255, (args.count, s, s, 3), dtype=np.uint8)
         enc.encode_pixels(pix[: args.batch_size])  # warm-up

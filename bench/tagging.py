@@ -17,11 +17,11 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import insert
+from sqlalchemy import delete, insert
 
 from indexer.catalog import Catalog
 from indexer.encoder import Encoder
-from indexer.schema import embeddings, photos
+from indexer.schema import embeddings, photos, tags
 from indexer.store import VectorStore
 from search.service import SearchService
 
@@ -46,19 +46,25 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--labels", type=int, default=1000)
     ap.add_argument("--model", default="ViT-B-32:none")
+    ap.add_argument("--workdir", type=Path, help="keep the catalog and index here and reuse them (setup once)")
     args = ap.parse_args()
     enc = Encoder(args.model)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.workdir or Path(scratch)
+        tmp.mkdir(parents=True, exist_ok=True)
         cat = Catalog(f"sqlite:///{tmp}/cat.db")
         sid = cat.ensure_space(enc.space.key, enc.space.label, enc.spec, enc.space.dim)
-        t = time.perf_counter()
-        fill(cat, sid, args.n, enc.space.dim)
-        print(f"setup: {args.n} vectors of {enc.space.dim} dims written in {time.perf_counter() - t:.1f}s")
-        t = time.perf_counter()
-        VectorStore(Path(tmp) / "idx", cat).rebuild(cat.space(sid))
-        print(f"setup: index built and written in {time.perf_counter() - t:.1f}s")
-        svc = SearchService(cat, VectorStore(Path(tmp) / "idx", cat), enc)
-        tmpl = Path(tmp) / "t.txt"
+        if cat.space(sid).count != args.n:
+            t = time.perf_counter()
+            fill(cat, sid, args.n, enc.space.dim)
+            print(f"setup: {args.n} vectors of {enc.space.dim} dims written in {time.perf_counter() - t:.1f}s")
+            t = time.perf_counter()
+            VectorStore(tmp / "idx", cat).rebuild(cat.space(sid))
+            print(f"setup: index built and written in {time.perf_counter() - t:.1f}s")
+        with cat.engine.begin() as conn:  # a clean slate: no tags from an earlier run to replace
+            conn.execute(delete(tags))
+        svc = SearchService(cat, VectorStore(tmp / "idx", cat), enc)
+        tmpl = tmp / "t.txt"
         tmpl.write_text("a photo of a {}.\n")
         labels = [f"label number {i}" for i in range(args.labels)]
         t = time.perf_counter()

@@ -136,6 +136,7 @@ class Catalog:
                 cur.execute("PRAGMA busy_timeout=30000")
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.execute("PRAGMA synchronous=NORMAL")
+                cur.execute("PRAGMA cache_size=-65536")  # 64 MiB: bulk writes (a tagging run) stay in memory
                 cur.close()
 
             return engine

@@ -210,19 +210,24 @@ class VectorStore:
             return
         ivf = faiss.extract_index_ivf(index)  # IVF-Flat: the lists hold the full float32 vectors
         invlists, d = ivf.invlists, ivf.d
-        id_parts: list[np.ndarray] = []
-        vec_parts: list[np.ndarray] = []
+        ids_buf, vec_buf = np.empty(batch, np.int64), np.empty((batch, d), np.float32)
         have = 0
         for list_no in range(ivf.nlist):
-            size = invlists.list_size(list_no)
+            size, done = invlists.list_size(list_no), 0
             if size:
-                id_parts.append(faiss.rev_swig_ptr(invlists.get_ids(list_no), size))
+                list_ids = faiss.rev_swig_ptr(invlists.get_ids(list_no), size)
                 codes = faiss.rev_swig_ptr(invlists.get_codes(list_no), size * invlists.code_size)
-                vec_parts.append(codes.view(np.float32).reshape(size, d))
-                have += size
-            if have >= batch or (list_no == ivf.nlist - 1 and have):
-                yield np.concatenate(id_parts).astype(np.int64), np.concatenate(vec_parts)
-                id_parts, vec_parts, have = [], [], 0
+                list_vecs = codes.view(np.float32).reshape(size, d)
+            while done < size:  # copy into the chunk buffer; a list may straddle two chunks
+                take = min(size - done, batch - have)
+                ids_buf[have : have + take] = list_ids[done : done + take]
+                vec_buf[have : have + take] = list_vecs[done : done + take]
+                have, done = have + take, done + take
+                if have == batch:
+                    yield ids_buf.copy(), vec_buf.copy()
+                    have = 0
+        if have:
+            yield ids_buf[:have].copy(), vec_buf[:have].copy()
 
     # --- searching ---------------------------------------------------------------------------------------------
     def search(

@@ -53,7 +53,8 @@ class TrainConfig:
     hard_batches: float = 0.5  # share of batches whose captions differ in one word only (hard negatives)
     hard_word: int | None = None  # word position (in the first caption) hard batches differ in; None: random/epoch
     resize_mode: str | None = None  # override the model's resize mode (shortest | longest | squash); saved with it
-    flip: bool = False  # random horizontal flips (for data whose captions do not mention left and right)
+    augment: str = "none"  # none | flip (random mirror) | dihedral (mirror + quarter turns): captions must not
+    # mention left/right (flip) or orientation (dihedral); needs a square input for the quarter turns
 
 
 @dataclass
@@ -146,8 +147,7 @@ def train(cfg: TrainConfig) -> TrainReport:
                 used.add(cap)
                 chosen.append((p, cap))
         x = torch.from_numpy(pixels[[index_of[p] for p, _ in chosen]]).to(device)
-        if cfg.flip:
-            x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(2), x)
+        x = _augment(x, cfg.augment, rnd)
         x = x.permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std)
         return x, tokenizer([c for _, c in chosen]).to(device)
 
@@ -209,6 +209,19 @@ def train(cfg: TrainConfig) -> TrainReport:
     return report
 
 
+def _augment(x: torch.Tensor, mode: str, rnd: random.Random) -> torch.Tensor:
+    """Random mirror images (and quarter turns for "dihedral") of an (N, H, W, C) uint8 batch, per image."""
+    if mode == "none":
+        return x
+    if mode not in ("flip", "dihedral"):
+        raise UsageError(f"unknown augmentation '{mode}' (none, flip or dihedral)")
+    out = torch.empty_like(x)
+    for i in range(len(x)):
+        img = x[i].flip(1) if rnd.random() < 0.5 else x[i]
+        out[i] = torch.rot90(img, rnd.randrange(4), dims=(0, 1)) if mode == "dihedral" else img
+    return out
+
+
 def _epoch_batches(images: list[Path], pairs: dict[Path, list[str]], bs: int, hard: float,
                    rnd: random.Random, hard_word: int | None = None) -> list[tuple[list[Path], bool]]:
     """One epoch of (batch, is_hard) pairs: a share of them are hard-negative batches.
@@ -224,8 +237,18 @@ def _epoch_batches(images: list[Path], pairs: dict[Path, list[str]], bs: int, ha
     hard_part, easy_part = order[:n_hard], order[n_hard:]
     words = max(1, min(len(pairs[p][0].split()) for p in hard_part)) if hard_part else 1
     drop = rnd.randrange(words) if hard_word is None else min(hard_word, words - 1)
+    batches = [(b, True) for b in _hard_batches(hard_part, pairs, bs, drop, rnd)]
+    batches += [(easy_part[i : i + bs], False) for i in range(0, len(easy_part), bs)]
+    rnd.shuffle(batches)
+    return [b for b in batches if len(b[0]) >= 2]
+
+
+def _hard_batches(images: list[Path], pairs: dict[Path, list[str]], bs: int, drop: int,
+                  rnd: random.Random) -> list[list[Path]]:
+    """Batches of sets: a set is one image per distinct word at position `drop` among images whose first captions
+    agree on every other word; two sets of the same group never share a batch (their captions would repeat)."""
     groups: dict[str, dict[str, list[Path]]] = {}
-    for p in hard_part:
+    for p in images:
         w = pairs[p][0].split()
         groups.setdefault(" ".join(w[:drop] + w[drop + 1 :]), {}).setdefault(w[drop], []).append(p)
     rounds: list[list[tuple[str, list[Path]]]] = []  # round k holds the k-th set of every group
@@ -237,22 +260,20 @@ def _epoch_batches(images: list[Path], pairs: dict[Path, list[str]], bs: int, ha
             rounds[k].append((key, [members.pop() for members in by_word.values()]))
             by_word = {w: v for w, v in by_word.items() if v}
             k += 1
-    batches: list[tuple[list[Path], bool]] = []
+    batches: list[list[Path]] = []
     current: list[Path] = []
     keys: set[str] = set()
     for one_round in rounds:
         rnd.shuffle(one_round)
         for key, one_set in one_round:
-            if current and (len(current) + len(one_set) > bs or key in keys):  # two sets of a group would
-                batches.append((current, True))  # repeat their captions
+            if current and (len(current) + len(one_set) > bs or key in keys):
+                batches.append(current)
                 current, keys = [], set()
             current.extend(one_set)
             keys.add(key)
     if current:
-        batches.append((current, True))
-    batches += [(easy_part[i : i + bs], False) for i in range(0, len(easy_part), bs)]
-    rnd.shuffle(batches)
-    return [b for b in batches if len(b[0]) >= 2]
+        batches.append(current)
+    return batches
 
 
 def _validate(model, val_imgs, batch_tensors, loss_fn, bs: int) -> dict:

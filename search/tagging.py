@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .service import ImageRef, SearchService
 
 DEFAULT_SET = "zeroshot"
+_BLOCK = 4096  # image rows per block in passing_labels: 4096 x 1,000 labels of float32 is 16 MB
 
 
 def _probs(svc: SearchService, vecs: np.ndarray, labels: np.ndarray, multi: bool, tmpl: list[str]) -> np.ndarray:
@@ -78,7 +79,7 @@ def tag_library(svc: SearchService, labels: str | list[str], name: str | None = 
     thr = thresholds(labs, threshold if threshold is not None else 0.5)
     neutral = svc.neutral_vector(tmpl) if multi_label else None
     allowed = filter_ids(svc.catalog, space.id, filters)
-    total = len(allowed) if allowed is not None else svc.catalog.space(space.id).count  # once per run
+    total = len(allowed) if allowed is not None else int(svc.store.index_for(space).ntotal)
     scale = float(svc.encoder.logit_scale)
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     considered = 0
@@ -110,6 +111,11 @@ def passing_labels(vecs: np.ndarray, labels: np.ndarray, thr: np.ndarray, scale:
     materialising the probability matrix. Multi-label: the threshold on sigmoid(scale * (s - s_neutral)) becomes a
     cut on the cosine gap, so only passing entries get a probability.
     """
+    if len(vecs) > _BLOCK:  # blocks whose (rows x labels) logits stay in the CPU cache through the passes below
+        parts = [passing_labels(vecs[i : i + _BLOCK], labels, thr, scale, neutral) for i in range(0, len(vecs), _BLOCK)]
+        offsets = [i for i in range(0, len(vecs), _BLOCK)]
+        return (np.concatenate([r + o for (r, _, _), o in zip(parts, offsets, strict=True)]),
+                np.concatenate([c for _, c, _ in parts]), np.concatenate([p for _, _, p in parts]))
     logits = vecs @ (labels * np.float32(scale)).T  # (n, L): scaled cosines, scale folded into the small side
     if neutral is None:
         best = logits.argmax(axis=1)

@@ -164,7 +164,8 @@ def test_tag_probabilities_match_the_reference_softmax_and_sigmoid() -> None:
     rows, cols, probs = passing_labels(vecs, labels, thr, 30.0, neutral)
     ref = multi_label_probs(vecs, labels, neutral, 30.0)
     want_r, want_c = np.nonzero(ref >= thr[None, :])
-    assert set(zip(rows.tolist(), cols.tolist())) == set(zip(want_r.tolist(), want_c.tolist()))
+    got = set(zip(rows.tolist(), cols.tolist(), strict=True))
+    assert got == set(zip(want_r.tolist(), want_c.tolist(), strict=True))
     np.testing.assert_allclose(probs, ref[rows, cols], rtol=1e-4)
 
 

@@ -36,7 +36,8 @@ def add_model_commands(sub: Any) -> None:
     p.add_argument("--hard-batches", type=float, default=0.5, help="share of hard-negative batches (0..1)")
     p.add_argument("--hard-word", type=int, default=None,
                    help="word position the hard-negative batches differ in (default: a random one per epoch)")
-    p.add_argument("--flip", action="store_true", help="random horizontal flips (captions without left/right)")
+    p.add_argument("--augment", choices=["none", "flip", "dihedral"], default="none",
+                   help="random mirror images (flip), also quarter turns (dihedral); captions must not say which way")
 
     p = sub.add_parser("eval", help="retrieval recall and zero-shot accuracy of a model on a folder")
     p.add_argument("dir", type=Path)
@@ -73,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       weight_decay=args.weight_decay, freeze_image=args.freeze_image, val_fraction=args.val_fraction,
                       seed=args.seed, device=args.device, resume=args.resume, save_half=args.save_half,
                       resize_mode=args.resize_mode, hard_batches=args.hard_batches, hard_word=args.hard_word,
-                      flip=args.flip)
+                      augment=args.augment)
     report = train(cfg)
     from .commands import _out
 
