@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -106,12 +107,19 @@ class Catalog:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        try:
-            self.engine: Engine = self._make_engine(url)
-            with self.engine.begin() as conn:
-                ensure_schema(conn)
-        except SQLAlchemyError as e:
-            raise CatalogError(f"cannot open catalog {self._safe_url()}: {str(e).splitlines()[0]}") from e
+        for attempt in range(3):
+            try:
+                self.engine: Engine = self._make_engine(url)
+                with self.engine.begin() as conn:
+                    ensure_schema(conn)
+                return
+            except SQLAlchemyError as e:
+                # Another process (the indexer, or the UI) may be creating the same fresh catalog right now: the
+                # tables it made between our check and our CREATE are there on the next try.
+                if attempt == 2 or "already exists" not in str(e):
+                    raise CatalogError(f"cannot open catalog {self._safe_url()}: {str(e).splitlines()[0]}") from e
+                self.engine.dispose()
+                time.sleep(0.2)
 
     def _safe_url(self) -> str:
         from sqlalchemy.engine import make_url

@@ -120,8 +120,10 @@ def ensure_schema(conn: Connection) -> None:
     """Create a fresh schema, or migrate an older one; refuse a catalog written by a newer clipsearch."""
     existing = set(inspect(conn).get_table_names())
     if "photos" not in existing:
-        metadata.create_all(conn)
-        conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+        # checkfirst: a process killed while creating the tables may have left some of them behind
+        metadata.create_all(conn, checkfirst=True)
+        if conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first() is None:
+            conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
         return
     metadata.create_all(conn, checkfirst=True)  # tables added in a later version without data changes
     row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()

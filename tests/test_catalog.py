@@ -65,3 +65,17 @@ def test_full_pipeline_on_each_backend(catalog_url, library, tmp_path, tiny_enco
     r = make_indexer(cfg, tiny_encoder).run([library])
     assert r.moved == 1 and r.indexed == 0
     ix.catalog.dispose()
+
+
+def test_a_catalog_left_half_created_by_a_killed_run_opens(tmp_path) -> None:
+    """SQLite DDL is not atomic under the driver's defaults: a kill during creation can leave some tables behind."""
+    import sqlite3
+
+    db = tmp_path / "c.db"
+    with sqlite3.connect(db) as raw:
+        raw.execute('CREATE TABLE meta ("key" VARCHAR(64) NOT NULL PRIMARY KEY, value TEXT NOT NULL)')
+    cat = Catalog(f"sqlite:///{db}")
+    assert cat.get_meta("schema_version") == str(SCHEMA_VERSION)
+    sid = cat.ensure_space("k", "test", "test", 4)
+    cat.write_batch(sid, [_rec(b"/p/a.jpg")], {0: np.ones(4, np.float32) / 2})
+    assert cat.counts_by_status().get("indexed") == 1
