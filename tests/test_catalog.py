@@ -79,3 +79,19 @@ def test_a_catalog_left_half_created_by_a_killed_run_opens(tmp_path) -> None:
     sid = cat.ensure_space("k", "test", "test", 4)
     cat.write_batch(sid, [_rec(b"/p/a.jpg")], {0: np.ones(4, np.float32) / 2})
     assert cat.counts_by_status().get("indexed") == 1
+
+
+def test_tag_bulk_write_on_every_backend(catalog_url: str) -> None:
+    """The tag writer goes through the driver's executemany (its own placeholder style): SQLite and PostgreSQL."""
+    from indexer.annotations import TagStore
+
+    cat = Catalog(catalog_url)
+    sid = cat.ensure_space("k", "test", "test", 4)
+    half = np.ones(4, np.float32) / 2
+    cat.write_batch(sid, [_rec(b"a.jpg"), _rec(b"b.jpg")], {0: half, 1: half})
+    ids = np.array(sorted(cat.embedded_ids(sid)), np.int64)
+    store = TagStore(cat)
+    assert store.replace_set("s", sid, ids, np.array([1, 0]), np.array([0.9, 0.6], np.float32), ["cat", "dog"]) == 2
+    assert store.replace_set("s", sid, ids[:1], np.array([0]), np.array([0.7], np.float32), ["cat"]) == 1
+    assert [(r.label, round(r.score, 3)) for r in store.rows("s")] == [("cat", 0.7)]
+    cat.dispose()
