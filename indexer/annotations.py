@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,15 +39,15 @@ class TagStore:
         """
         order = np.lexsort((label_index, photo_ids))
         label_of = [names[i] for i in label_index[order].tolist()]
-        rows = list(zip(photo_ids[order].tolist(), label_of, scores[order].astype(float).tolist(), strict=True))
+        rows = list(zip(photo_ids[order].tolist(), itertools.repeat(label_set), label_of,
+                        scores[order].astype(float).tolist(), itertools.repeat(space_id)))  # repeat: no strict
         with self.catalog.engine.begin() as conn:
             conn.execute(delete(tags).where(tags.c.label_set == label_set))
             ph = "?" if conn.dialect.paramstyle == "qmark" else "%s"
             sql = (f"INSERT INTO tags (photo_id, label_set, label, score, space_id) "
                    f"VALUES ({ph}, {ph}, {ph}, {ph}, {ph})")
             for start in range(0, len(rows), 100_000):
-                chunk = [(pid, label_set, label, score, space_id) for pid, label, score in rows[start:start + 100_000]]
-                conn.exec_driver_sql(sql, chunk)
+                conn.exec_driver_sql(sql, rows[start : start + 100_000])
         return len(rows)
 
     def remove_set(self, label_set: str) -> int:

@@ -188,6 +188,7 @@ class Encoder:
         self.folder = parsed.folder  # model folders may carry their own prompt templates (templates.txt)
         self._mean = torch.tensor(pp.get("mean", open_clip.OPENAI_DATASET_MEAN), device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(pp.get("std", open_clip.OPENAI_DATASET_STD), device=self.device).view(1, 3, 1, 1)
+        self._text_tower = _causal_text_tower(self.model)  # looked up once, not per query
         with torch.inference_mode():
             dim = int(self.encode_texts(["a photo"]).shape[1])
         label = f"{parsed.arch}:{_weights_id(parsed)}"
@@ -260,7 +261,7 @@ class Encoder:
         if not texts:
             return np.zeros((0, self.space.dim), np.float32)
         tokens = self.tokenizer(list(texts))
-        tower = _causal_text_tower(self.model)
+        tower = self._text_tower
         lengths = tokens.argmax(dim=-1) + 1 if tower is not None else torch.full((len(texts),), tokens.shape[1])
         order = torch.argsort(lengths, stable=True)
         out: np.ndarray | None = None

@@ -112,10 +112,11 @@ def passing_labels(vecs: np.ndarray, labels: np.ndarray, thr: np.ndarray, scale:
     cut on the cosine gap, so only passing entries get a probability.
     """
     if len(vecs) > _BLOCK:  # blocks whose (rows x labels) logits stay in the CPU cache through the passes below
-        parts = [passing_labels(vecs[i : i + _BLOCK], labels, thr, scale, neutral) for i in range(0, len(vecs), _BLOCK)]
-        offsets = [i for i in range(0, len(vecs), _BLOCK)]
-        return (np.concatenate([r + o for (r, _, _), o in zip(parts, offsets, strict=True)]),
-                np.concatenate([c for _, c, _ in parts]), np.concatenate([p for _, _, p in parts]))
+        parts = []
+        for start in range(0, len(vecs), _BLOCK):
+            rows, cols, prob = passing_labels(vecs[start : start + _BLOCK], labels, thr, scale, neutral)
+            parts.append((rows + start, cols, prob))
+        return _concat(parts)
     logits = vecs @ (labels * np.float32(scale)).T  # (n, L): scaled cosines, scale folded into the small side
     if neutral is None:
         best = logits.argmax(axis=1)
