@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import queue
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,23 +34,14 @@ class TagStore:
 
     def replace_set(self, label_set: str, space_id: int, photo_ids: np.ndarray, label_index: np.ndarray,
                     scores: np.ndarray, names: list[str]) -> int:
-        """Replace every tag of `label_set` (tags: parallel arrays, labels as indexes into `names`) in one transaction.
+        """Replace every tag of `label_set` in one transaction (parallel arrays; labels index into `names`)."""
+        with self.writer(label_set, space_id, names) as w:
+            w.add(photo_ids, label_index, scores)
+        return w.written
 
-        Rows go in photo-id order through the driver's executemany with plain tuples: at a million tags the
-        per-row cost of building SQLAlchemy parameter dicts would be most of the run.
-        """
-        order = np.lexsort((label_index, photo_ids))
-        label_of = [names[i] for i in label_index[order].tolist()]
-        rows = list(zip(photo_ids[order].tolist(), itertools.repeat(label_set), label_of,
-                        scores[order].astype(float).tolist(), itertools.repeat(space_id)))  # repeat: no strict
-        with self.catalog.engine.begin() as conn:
-            conn.execute(delete(tags).where(tags.c.label_set == label_set))
-            ph = "?" if conn.dialect.paramstyle == "qmark" else "%s"
-            sql = (f"INSERT INTO tags (photo_id, label_set, label, score, space_id) "
-                   f"VALUES ({ph}, {ph}, {ph}, {ph}, {ph})")
-            for start in range(0, len(rows), 100_000):
-                conn.exec_driver_sql(sql, rows[start : start + 100_000])
-        return len(rows)
+    def writer(self, label_set: str, space_id: int, names: list[str]) -> TagSetWriter:
+        """A streaming replacement of `label_set`: add tags chunk by chunk while the next chunk is computed."""
+        return TagSetWriter(self.catalog, label_set, space_id, names)
 
     def remove_set(self, label_set: str) -> int:
         """Undo a tagging run: delete every tag of the label set; returns how many went."""
@@ -86,6 +79,71 @@ class TagStore:
         with self.catalog.engine.connect() as conn:
             return [TagRow(int(a), b, c, d, float(e)) for a, b, c, d, e in
                     conn.execute(q.order_by(photos.c.path, tags.c.label))]
+
+
+class TagSetWriter:
+    """Replaces one label set in one transaction, writing on a background thread while the caller computes.
+
+    Tagging a million photos writes a million rows; the database driver releases the GIL while SQLite works, so
+    the inserts overlap the next chunk's matrix product instead of following it. Use as a context manager: a
+    clean exit commits (the old set is replaced atomically); an exception rolls back and keeps the old set.
+    Rows go through the driver's executemany with plain tuples: at a million tags, building SQLAlchemy parameter
+    dicts per row would cost more than the insert.
+    """
+
+    _QUEUE_CHUNKS = 4  # chunks waiting for the writer at most: bounds memory when the database is the slower side
+
+    def __init__(self, catalog: Catalog, label_set: str, space_id: int, names: list[str]) -> None:
+        self.catalog, self.label_set, self.space_id, self.names = catalog, label_set, space_id, names
+        self.written = 0
+        self._queue: queue.Queue[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = queue.Queue(self._QUEUE_CHUNKS)
+        self._error: BaseException | None = None
+        self._commit = False
+        self._thread = threading.Thread(target=self._run, name="tag-writer", daemon=True)
+
+    def __enter__(self) -> TagSetWriter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._commit = exc_type is None
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None and exc_type is None:
+            raise self._error
+
+    def add(self, photo_ids: np.ndarray, label_index: np.ndarray, scores: np.ndarray) -> None:
+        """Queue tags (parallel arrays; labels as indexes into `names`); blocks while the writer is behind."""
+        if self._error is not None:
+            raise self._error
+        if len(photo_ids):
+            self._queue.put((np.asarray(photo_ids), np.asarray(label_index), np.asarray(scores)))
+
+    def _rows(self, photo_ids: np.ndarray, label_index: np.ndarray, scores: np.ndarray) -> list[tuple]:
+        order = np.lexsort((label_index, photo_ids))  # photo-id order: the primary-key B-tree grows at its end
+        label_of = [self.names[i] for i in label_index[order].tolist()]
+        return list(zip(photo_ids[order].tolist(), itertools.repeat(self.label_set), label_of,
+                        scores[order].astype(float).tolist(), itertools.repeat(self.space_id)))  # repeat: no strict
+
+    def _run(self) -> None:
+        finished = False  # whether the exit sentinel has been taken off the queue
+        try:
+            with self.catalog.engine.connect() as conn, conn.begin() as trans:
+                conn.execute(delete(tags).where(tags.c.label_set == self.label_set))
+                ph = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+                sql = (f"INSERT INTO tags (photo_id, label_set, label, score, space_id) "
+                       f"VALUES ({ph}, {ph}, {ph}, {ph}, {ph})")
+                while (item := self._queue.get()) is not None:
+                    rows = self._rows(*item)
+                    conn.exec_driver_sql(sql, rows)
+                    self.written += len(rows)
+                finished = True
+                if not self._commit:
+                    trans.rollback()  # the caller failed: keep the previous run of this label set
+        except BaseException as e:  # reported to the caller by add() or on exit
+            self._error = e
+            while not finished:  # drain, so a blocked add() and the exit sentinel go through
+                finished = self._queue.get() is None
 
 
 class TextCollections:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import open_clip
 import torch
+from open_clip.transformer import ResidualAttentionBlock
 
 from .decode import PreprocessSpec, decode_bytes, preprocess
 from .errors import BadImage, ModelUnavailable, UsageError
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 DEMO_DIR = Path(__file__).parent / "models" / "demo"
 _TEXT_BATCH = 256
+_MIN_SHARED_PREFIX = 3  # shared tokens (start token included) from which running the prefix once pays off
 
 
 @dataclass(frozen=True)
@@ -254,16 +256,19 @@ class Encoder:
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """Embed texts in batches; returns (N, D).
 
-        Texts are tokenised once and batched by length. For the standard causal CLIP text tower, a batch runs only
-        up to its longest text's end-of-text token instead of the full context (77 tokens): causal attention means
-        no position looks at the padding after it, so the result is the same and labels encode several times faster.
+        Texts are tokenised once and batched by length. For the standard causal CLIP text tower two exact
+        shortcuts apply, because causal attention means no position looks at anything after it: a batch runs only
+        up to its longest text's end-of-text token instead of the full context (77 tokens), and a token prefix that
+        every text of a batch shares (a prompt template's "a photo of a") is run once for the batch, not per text.
+        Within a length, texts are sorted by their tokens so that prompts of one template land in one batch.
         """
         if not texts:
             return np.zeros((0, self.space.dim), np.float32)
         tokens = self.tokenizer(list(texts))
         tower = self._text_tower
         lengths = tokens.argmax(dim=-1) + 1 if tower is not None else torch.full((len(texts),), tokens.shape[1])
-        order = torch.argsort(lengths, stable=True)
+        keys = tokens[:, : int(lengths.max())].numpy()
+        order = torch.from_numpy(np.lexsort((*keys.T[::-1], lengths.numpy())))  # by length, then by tokens
         out: np.ndarray | None = None
         with torch.inference_mode(), self._autocast():
             for i in range(0, len(texts), _TEXT_BATCH):
@@ -290,18 +295,53 @@ class _CausalTextTower:
     attn_mask: torch.Tensor
     ln_final: torch.nn.Module
     text_projection: Any
+    prefix_ok: bool = False  # blocks are open_clip ResidualAttentionBlocks, batch-first: a shared prefix can run once
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Text features of token rows cut after their longest end-of-text token (argmax pooling)."""
         n = tokens.shape[1]
         cast = self.transformer.get_cast_dtype() if hasattr(self.transformer, "get_cast_dtype") else torch.float32
-        x = self.token_embedding(tokens).to(cast) + self.positional_embedding[:n].to(cast)
-        x = self.ln_final(self.transformer(x, attn_mask=self.attn_mask[:n, :n]))
-        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        shared = self._shared_prefix(tokens)
+        if shared >= _MIN_SHARED_PREFIX:
+            x = self._run_after_prefix(tokens, shared, cast)
+        else:
+            x = self.token_embedding(tokens).to(cast) + self.positional_embedding[:n].to(cast)
+            x = self.transformer(x, attn_mask=self.attn_mask[:n, :n])
+        x = self.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1) - (n - x.shape[1])]
         if self.text_projection is None:
             return x
         proj = self.text_projection
         return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+
+    def _shared_prefix(self, tokens: torch.Tensor) -> int:
+        """How many leading tokens every row shares, leaving each row's end-of-text token in the rest; 0 when the
+        blocks are not plain open_clip residual attention blocks (the only ones whose attention is re-run here)."""
+        if not self.prefix_ok or len(tokens) < 2:
+            return 0
+        same = (tokens == tokens[:1]).all(dim=0)
+        differs = torch.nonzero(~same)
+        common = int(differs[0, 0]) if len(differs) else tokens.shape[1]
+        return min(common, int(tokens.argmax(dim=-1).min()))
+
+    def _run_after_prefix(self, tokens: torch.Tensor, p: int, cast: torch.dtype) -> torch.Tensor:
+        """Hidden states of positions p.. of every row: the shared prefix runs once, as one sequence, and each block
+        lets the rows' later positions attend to it (its keys and values come from that block's prefix input)."""
+        n, blocks = tokens.shape[1], list(self.transformer.resblocks)
+        mask = self.attn_mask[:n, :n]
+        x = self.token_embedding(tokens[:1, :p]).to(cast) + self.positional_embedding[:p].to(cast)
+        prefix_inputs = []
+        for block in blocks:
+            prefix_inputs.append(x)
+            x = block(x, attn_mask=mask[:p, :p])
+        x = self.token_embedding(tokens[:, p:]).to(cast) + self.positional_embedding[p:n].to(cast)
+        rest_mask = mask[p:, :].to(x.dtype)  # later positions see the whole prefix and causally each other
+        for block, prefix in zip(blocks, prefix_inputs, strict=True):
+            kv = block.ln_1(torch.cat([prefix.expand(len(x), -1, -1), x], dim=1))
+            attn = block.attn(kv[:, p:], kv, kv, need_weights=False, attn_mask=rest_mask)[0]
+            x = x + block.ls_1(attn)
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        return x
 
 
 def _causal_text_tower(model: torch.nn.Module) -> _CausalTextTower | None:
@@ -313,7 +353,10 @@ def _causal_text_tower(model: torch.nn.Module) -> _CausalTextTower | None:
     if pool != "argmax" or any(p is None for p in parts) or getattr(owner, "cls_emb", None) is not None \
             or getattr(owner, "use_pad_mask", False) or not isinstance(parts[3], torch.Tensor):
         return None
-    return _CausalTextTower(*parts, getattr(owner, "text_projection", None))
+    blocks = getattr(parts[2], "resblocks", None)
+    prefix_ok = getattr(parts[2], "batch_first", False) and blocks is not None and all(
+        type(b) is ResidualAttentionBlock and not hasattr(b, "ln_1_kv") and b.attn.batch_first for b in blocks)
+    return _CausalTextTower(*parts, getattr(owner, "text_projection", None), bool(prefix_ok))
 
 
 def imagenet_classnames() -> list[str]:

@@ -7,6 +7,7 @@ decoded. A label set is written as a whole (replacing its previous run), so re-r
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from typing import TYPE_CHECKING, Any
@@ -65,8 +66,8 @@ def tag_library(svc: SearchService, labels: str | list[str], name: str | None = 
     """Tag every indexed photo (or the filtered ones) with the labels that pass; preview with dry_run.
 
     Vectors come from the space's in-memory index (validated against the catalog), are scored against the label
-    embeddings in chunks, and only the passing (photo, label, score) triples are kept, as arrays; examples are each
-    label's strongest matches.
+    embeddings in chunks, and only the passing (photo, label, score) triples are kept, as arrays, and streamed to
+    the catalog while the next chunk is scored; examples are each label's strongest matches.
     """
     labs = parse_labels(labels)
     names = [lab.name for lab in labs]
@@ -83,22 +84,27 @@ def tag_library(svc: SearchService, labels: str | list[str], name: str | None = 
     scale = float(svc.encoder.logit_scale)
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     considered = 0
-    for ids, vecs in svc.store.iter_vectors(space):
-        if allowed is not None:
-            mask = np.isin(ids, allowed)
-            ids, vecs = ids[mask], vecs[mask]
-        if len(ids):
-            rows, cols, probs = passing_labels(vecs, lvec, thr, scale, neutral)
-            parts.append((ids[rows], cols, probs))
-        considered += len(ids)
-        if on_progress:
-            on_progress(considered, total)
+    # The catalog write streams beside the matrix products (a background writer, one transaction) rather than
+    # after them; a dry run only previews.
+    with contextlib.nullcontext() if dry_run else svc.tags.writer(label_set, space.id, names) as writer:
+        for ids, vecs in svc.store.iter_vectors(space):
+            if allowed is not None:
+                mask = np.isin(ids, allowed)
+                ids, vecs = ids[mask], vecs[mask]
+            if len(ids):
+                rows, cols, probs = passing_labels(vecs, lvec, thr, scale, neutral)
+                parts.append((ids[rows], cols, probs))
+                if writer is not None:
+                    writer.add(*parts[-1])
+            considered += len(ids)
+            if on_progress:
+                on_progress(considered, total)
     pids, cols, probs = _concat(parts)
     counts = np.bincount(cols, minlength=len(names))
     example_ids = _strongest(pids, cols, probs, len(names), examples)
     paths = svc.catalog.photos_by_id([p for ids in example_ids.values() for p in ids])
     example_paths = {names[c]: [paths[p]["path"] for p in ids] for c, ids in example_ids.items()}
-    written = 0 if dry_run else svc.tags.replace_set(label_set, space.id, pids, cols, probs, names)
+    written = 0 if writer is None else writer.written
     return TagPreview(label_set, considered, {n: int(counts[i]) for i, n in enumerate(names)}, example_paths,
                       written, dry_run)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sqlalchemy.exc import IntegrityError
 
 from indexer.catalog import Catalog, PhotoRecord
 from indexer.errors import CatalogError
@@ -94,4 +95,31 @@ def test_tag_bulk_write_on_every_backend(catalog_url: str) -> None:
     assert store.replace_set("s", sid, ids, np.array([1, 0]), np.array([0.9, 0.6], np.float32), ["cat", "dog"]) == 2
     assert store.replace_set("s", sid, ids[:1], np.array([0]), np.array([0.7], np.float32), ["cat"]) == 1
     assert [(r.label, round(r.score, 3)) for r in store.rows("s")] == [("cat", 0.7)]
+    cat.dispose()
+
+
+def test_tag_writer_replaces_a_set_whole_or_keeps_the_previous_one(catalog_url: str) -> None:
+    """Streamed chunks land in one transaction; a failure on either side (the scoring caller or the database)
+    leaves the previous run of the label set as it was."""
+    from indexer.annotations import TagStore
+
+    cat = Catalog(catalog_url)
+    sid = cat.ensure_space("k", "test", "test", 4)
+    half = np.ones(4, np.float32) / 2
+    cat.write_batch(sid, [_rec(b"a.jpg"), _rec(b"b.jpg"), _rec(b"c.jpg")], {0: half, 1: half, 2: half})
+    ids = np.array(sorted(cat.embedded_ids(sid)), np.int64)
+    store = TagStore(cat)
+    with store.writer("s", sid, ["cat", "dog"]) as w:
+        w.add(ids[:2], np.array([0, 1]), np.array([0.9, 0.8], np.float32))
+        w.add(ids[2:], np.array([1]), np.array([0.7], np.float32))
+    assert w.written == 3
+    before = [(r.photo_id, r.label, round(r.score, 3)) for r in store.rows("s")]
+    assert sorted(before) == [(ids[0], "cat", 0.9), (ids[1], "dog", 0.8), (ids[2], "dog", 0.7)]
+    with pytest.raises(RuntimeError, match="scoring failed"), store.writer("s", sid, ["bird"]) as w:
+        w.add(ids, np.zeros(3, np.int64), np.full(3, 0.5, np.float32))
+        raise RuntimeError("scoring failed")
+    assert [(r.photo_id, r.label, round(r.score, 3)) for r in store.rows("s")] == before
+    with pytest.raises(IntegrityError), store.writer("s", sid, ["bird"]) as w:  # no such photo
+        w.add(np.array([int(ids.max()) + 100]), np.array([0]), np.array([0.5], np.float32))
+    assert [(r.photo_id, r.label, round(r.score, 3)) for r in store.rows("s")] == before
     cat.dispose()

@@ -187,11 +187,12 @@ def test_cuda_encoder_matches_cpu() -> None:
 
 
 @pytest.mark.parametrize("custom_text", [False, True])
-def test_text_encoding_on_a_prefix_equals_the_full_context(tmp_path, custom_text) -> None:
-    """encode_texts runs the causal text tower only up to the longest end-of-text token; results must not change."""
+def test_text_encoding_shortcuts_equal_the_full_context(tmp_path, monkeypatch, custom_text) -> None:
+    """encode_texts runs the causal text tower only up to the longest end-of-text token, and a prefix shared by a
+    batch (a prompt template) once per batch; the vectors must be those of the full 77-token run."""
     import torch
 
-    from indexer.encoder import Encoder, _causal_text_tower
+    from indexer.encoder import Encoder, _causal_text_tower, _CausalTextTower
 
     cfg = json.loads((DATA / "tiny-vit.json").read_text())
     cfg["custom_text"] = custom_text  # CustomTextCLIP keeps the tower in model.text
@@ -199,11 +200,22 @@ def test_text_encoding_on_a_prefix_equals_the_full_context(tmp_path, custom_text
     path.write_text(json.dumps(cfg))
     enc = Encoder(f"{path}:none", "cpu")
     assert _causal_text_tower(enc.model) is not None
-    texts = ["x", "a dog on a beach at sunset with two friends and a red ball", "a photo of a cat."] * 100
+    shared_runs = []
+    real = _CausalTextTower._run_after_prefix
+    monkeypatch.setattr(_CausalTextTower, "_run_after_prefix",
+                        lambda self, tokens, p, cast: shared_runs.append(p) or real(self, tokens, p, cast))
+    labels = ["dog", "golden retriever", "cat", "a", "tabby cat on a sofa", "cat"]  # a repeat: all tokens shared
+    templates = ("a photo of a {}.", "a bad photo of the {}.", "{} in the wild")
+    prompts = [t.format(lab) for t in templates for lab in labels]
+    texts = ["x", "a dog on a beach at sunset with two friends and a red ball", "a photo of a cat."] * 100 + prompts
     fast = enc.encode_texts(texts)
+    assert shared_runs and max(shared_runs) >= 5  # the template batches did take the shared-prefix path
     with torch.inference_mode():
         full = torch.nn.functional.normalize(enc.model.encode_text(enc.tokenizer(texts)).float(), dim=-1).numpy()
     np.testing.assert_allclose(fast, full, atol=1e-5)
+    shared_runs.clear()
+    np.testing.assert_allclose(enc.encode_texts(prompts[:6]), full[300:306], atol=1e-5)  # one template, one batch
+    assert shared_runs == [5]  # start token + "a photo of a"
 
 
 def test_hard_batches_hold_sets_that_differ_in_one_word_only() -> None:
