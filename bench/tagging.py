@@ -1,9 +1,10 @@
 """Batch zero-shot tagging of N stored embeddings against L labels, end to end including the catalog writes.
 
 Setup (not timed): N random normalised D-dim vectors written to a fresh SQLite catalog and its vector index built
-and written to disk (what an indexing run leaves behind). Timed, in a fresh service as a new `clipsearch tag`
-process would be: label encoding (one prompt template) and SearchService.tag (load the index from disk, read its
-vectors, matrix products, softmax, write the tags in one transaction), reported separately and together.
+and written to disk (what an indexing run leaves behind). Timed: one SearchService.tag call in a fresh service, as
+a new `clipsearch tag` process would make it (encode the labels with one prompt template, load the index from
+disk, read its vectors, matrix products, softmax, write the tags in one transaction). The label encoding alone is
+timed after it, for the breakdown.
 
     python bench/tagging.py [--n 1000000] [--labels 1000] [--model ViT-B-32:none]
 """
@@ -63,20 +64,19 @@ def main() -> None:
             print(f"setup: index built and written in {time.perf_counter() - t:.1f}s")
         with cat.engine.begin() as conn:  # a clean slate: no tags from an earlier run to replace
             conn.execute(delete(tags))
-        svc = SearchService(cat, VectorStore(tmp / "idx", cat), enc)
         tmpl = tmp / "t.txt"
         tmpl.write_text("a photo of a {}.\n")
         labels = [f"label number {i}" for i in range(args.labels)]
-        t = time.perf_counter()
-        svc.label_vectors(labels, ["a photo of a {}."])
-        t_labels = time.perf_counter() - t
+        svc = SearchService(cat, VectorStore(tmp / "idx", cat), enc)  # fresh: no index loaded, no label cache
         t = time.perf_counter()
         res = svc.tag(labels, name="bench", threshold=0.0, templates=str(tmpl))
         t_tag = time.perf_counter() - t
-        print(f"label encoding ({args.labels} labels, 1 template): {t_labels:.1f}s")
-        print(f"tagging {res.photos_considered} photos, {res.written} tags written: {t_tag:.1f}s")
-        print(f"end to end: {t_labels + t_tag:.1f}s")
-
+        t = time.perf_counter()
+        enc.encode_texts([f"a photo of a {lab}." for lab in labels])
+        t_labels = time.perf_counter() - t
+        print(f"end to end (one `tag` call: labels, index, scores, {res.written} tags written for "
+              f"{res.photos_considered} photos): {t_tag:.1f}s")
+        print(f"of which label encoding ({args.labels} labels, 1 template), measured alone after: {t_labels:.1f}s")
 
 if __name__ == "__main__":
     main()

@@ -76,6 +76,7 @@ def tag_library(svc: SearchService, labels: str | list[str], name: str | None = 
         raise UsageError("the label set name is empty")
     tmpl = load_templates(templates, svc.default_templates())
     space = svc.space()
+    svc.store.prefetch(space)  # the index comes off the disk while the labels encode
     lvec = svc.label_vectors(names, tmpl)
     thr = thresholds(labs, threshold if threshold is not None else 0.5)
     neutral = svc.neutral_vector(tmpl) if multi_label else None
