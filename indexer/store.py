@@ -54,7 +54,7 @@ class _Loaded:
 # Loaded indexes are never modified (a change rebuilds and replaces the file), so they are memory-mapped: loading
 # 1M vectors takes milliseconds instead of seconds of copying 2 GB, lists are paged in as searches touch them, and
 # a file replaced by a rebuild stays valid for a reader that still maps it.
-_READ_FLAGS = faiss.IO_FLAG_MMAP | getattr(faiss, "IO_FLAG_MMAP_IFC", 0)
+_READ_FLAGS = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)  # combined, the two flags fail on IVF files
 
 
 def _advise_willneed(path: Path) -> None:

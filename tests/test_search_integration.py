@@ -110,7 +110,8 @@ def test_thumbnails_are_upright_cached_and_by_id_only(tmp_path, tiny_encoder) ->
 
 @pytest.mark.parametrize("exact_max", [100_000, 10])
 def test_store_streams_the_catalogs_vectors_for_flat_and_ivf(tmp_path, exact_max) -> None:
-    """Tagging reads vectors from the in-memory index; they must be exactly the catalog's, for both index types."""
+    """Tagging reads vectors from the index (memory-mapped from disk); they must be exactly the catalog's, for both
+    index types, and the written file must load as it is (no silent rebuild)."""
     from indexer.catalog import Catalog, PhotoRecord
     from indexer.store import StoreOptions, VectorStore
 
@@ -121,7 +122,8 @@ def test_store_streams_the_catalogs_vectors_for_flat_and_ivf(tmp_path, exact_max
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     recs = [PhotoRecord(f"/p/{i}.jpg".encode(), 1, 1, "indexed", content_hash=str(i)) for i in range(3000)]
     cat.write_batch(sid, recs, dict(enumerate(vecs)))
-    store = VectorStore(tmp_path / "idx", cat, StoreOptions(exact_max=exact_max))
+    VectorStore(tmp_path / "idx", cat, StoreOptions(exact_max=exact_max)).rebuild(cat.space(sid))
+    store = VectorStore(tmp_path / "idx", cat, StoreOptions(exact_max=exact_max, auto_rebuild=False))
     got_ids, got_vecs = zip(*store.iter_vectors(cat.space(sid), batch=700), strict=True)
     ids, streamed = np.concatenate(got_ids), np.concatenate(got_vecs)
     assert store._loaded["k"].kind.startswith("flat" if exact_max > 3000 else "ivf")
