@@ -34,10 +34,10 @@ lint: install-dev
 
 ## Reproduce the bundled demo model (indexer/models/demo)
 demo-model: install
-	$(VENV)/bin/clipsearch make-sample data/train --count 10000 --seed 1
+	$(VENV)/bin/clipsearch make-sample data/train --count 20000 --seed 1
 	$(VENV)/bin/clipsearch train data/train --captions captions_augmented.txt \
 	  --model indexer/models/clipsearch-demo.json:none --out indexer/models/demo \
-	  --epochs 12 --batch-size 64 --lr 2e-3 --resize-mode squash --hard-batches 0.75 --hard-word 3 \
+	  --epochs 10 --batch-size 64 --lr 2e-3 --resize-mode squash --hard-batches 0.75 --hard-word 3 \
 	  --augment dihedral --save-half
 
 bench: install

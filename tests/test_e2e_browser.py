@@ -93,7 +93,8 @@ def test_search_more_like_this_and_zero_shot_in_a_browser(server, browser) -> No
     top = items[names[0]]
     # The demo model reads colour, shape and background (see bench/RESULTS.md for its measured limits).
     assert (top.colour, top.shape, top.background) == (target.colour, target.shape, target.background), top.caption
-    assert sum(items[n].background == "snow" for n in names[:3]) >= 2
+    # The runners-up share the query's shape or colour (the library holds one red circle on snow at most).
+    assert all(items[n].shape == target.shape or items[n].colour == target.colour for n in names[:3]), names[:3]
 
     page.get_by_role("button", name="More like this").first.click()
     page.wait_for_selector("text=/Photos like #\\d+/", timeout=60_000)
