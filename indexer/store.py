@@ -224,7 +224,7 @@ class VectorStore:
             self.rebuild(space)
 
     def iter_vectors(self, space: SpaceInfo, batch: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Stream (ids, vectors) of a space from its in-memory index: what tagging reads instead of the catalog.
+        """Stream (ids, vectors) of a space from its memory-mapped index: what tagging reads instead of the catalog.
 
         The index is validated against the catalog's generation first (index_for), so these are the catalog's
         vectors; reading them from memory avoids streaming every blob out of the database again.

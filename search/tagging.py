@@ -65,7 +65,7 @@ def tag_library(svc: SearchService, labels: str | list[str], name: str | None = 
                 on_progress: Any = None) -> TagPreview:
     """Tag every indexed photo (or the filtered ones) with the labels that pass; preview with dry_run.
 
-    Vectors come from the space's in-memory index (validated against the catalog), are scored against the label
+    Vectors come from the space's memory-mapped index (validated against the catalog), are scored against the label
     embeddings in chunks, and only the passing (photo, label, score) triples are kept, as arrays, and streamed to
     the catalog while the next chunk is scored; examples are each label's strongest matches.
     """
