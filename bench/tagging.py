@@ -22,7 +22,7 @@ from sqlalchemy import delete, insert
 
 from indexer.catalog import Catalog
 from indexer.encoder import Encoder
-from indexer.schema import embeddings, photos, tags
+from indexer.schema import embeddings, photos, tag_labels, tags
 from indexer.store import VectorStore
 from search.service import SearchService
 
@@ -64,6 +64,7 @@ def main() -> None:
             print(f"setup: index built and written in {time.perf_counter() - t:.1f}s")
         with cat.engine.begin() as conn:  # a clean slate: no tags from an earlier run to replace
             conn.execute(delete(tags))
+            conn.execute(delete(tag_labels))
         tmpl = tmp / "t.txt"
         tmpl.write_text("a photo of a {}.\n")
         labels = [f"label number {i}" for i in range(args.labels)]

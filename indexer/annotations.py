@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import itertools
 import queue
 import threading
 from dataclasses import dataclass
 
 import numpy as np
 from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.engine import Connection
 
 from .catalog import Catalog
 from .errors import UsageError
-from .schema import photos, tags, text_collections, text_entries
+from .schema import photos, tag_labels, tags, text_collections, text_entries
 
 
 @dataclass(frozen=True)
@@ -44,20 +44,23 @@ class TagStore:
         return TagSetWriter(self.catalog, label_set, space_id, names)
 
     def remove_set(self, label_set: str) -> int:
-        """Undo a tagging run: delete every tag of the label set; returns how many went."""
+        """Undo a tagging run: delete every tag of the label set (and its labels); returns how many tags went."""
         with self.catalog.engine.begin() as conn:
-            return int(conn.execute(delete(tags).where(tags.c.label_set == label_set)).rowcount or 0)
+            return _delete_set(conn, label_set)
 
     def label_sets(self) -> dict[str, int]:
         """Label set name → number of tags."""
         with self.catalog.engine.connect() as conn:
-            q = select(tags.c.label_set, func.count()).group_by(tags.c.label_set).order_by(tags.c.label_set)
+            q = (select(tag_labels.c.label_set, func.count()).join(tags, tags.c.label_id == tag_labels.c.id)
+                 .group_by(tag_labels.c.label_set).order_by(tag_labels.c.label_set))
             return {s: int(n) for s, n in conn.execute(q)}
 
     def labels(self) -> list[str]:
-        """Every distinct tag label (for filter widgets)."""
+        """Every distinct label that some photo carries (for filter widgets)."""
+        used = select(tags.c.label_id).where(tags.c.label_id == tag_labels.c.id).exists()
         with self.catalog.engine.connect() as conn:
-            return list(conn.execute(select(tags.c.label).distinct().order_by(tags.c.label)).scalars())
+            q = select(tag_labels.c.label).where(used).distinct().order_by(tag_labels.c.label)
+            return list(conn.execute(q).scalars())
 
     def tags_of(self, photo_ids: list[int]) -> dict[int, list[str]]:
         """Photo id → its tag labels (all sets)."""
@@ -65,20 +68,29 @@ class TagStore:
         if not photo_ids:
             return out
         with self.catalog.engine.connect() as conn:
-            q = select(tags.c.photo_id, tags.c.label).where(tags.c.photo_id.in_(photo_ids)).order_by(tags.c.label)
+            q = (select(tags.c.photo_id, tag_labels.c.label).join(tag_labels, tag_labels.c.id == tags.c.label_id)
+                 .where(tags.c.photo_id.in_(photo_ids)).order_by(tag_labels.c.label))
             for pid, label in conn.execute(q):
                 out.setdefault(int(pid), []).append(label)
         return out
 
     def rows(self, label_set: str | None = None) -> list[TagRow]:
         """All tags (optionally of one set) with photo paths, for export."""
-        q = select(tags.c.photo_id, photos.c.path, tags.c.label_set, tags.c.label, tags.c.score).join(
-            photos, photos.c.id == tags.c.photo_id)
+        q = (select(tags.c.photo_id, photos.c.path, tag_labels.c.label_set, tag_labels.c.label, tags.c.score)
+             .join(photos, photos.c.id == tags.c.photo_id).join(tag_labels, tag_labels.c.id == tags.c.label_id))
         if label_set:
-            q = q.where(tags.c.label_set == label_set)
+            q = q.where(tag_labels.c.label_set == label_set)
         with self.catalog.engine.connect() as conn:
             return [TagRow(int(a), b, c, d, float(e)) for a, b, c, d, e in
-                    conn.execute(q.order_by(photos.c.path, tags.c.label))]
+                    conn.execute(q.order_by(photos.c.path, tag_labels.c.label))]
+
+
+def _delete_set(conn: Connection, label_set: str) -> int:
+    """Delete a label set's tags and labels inside the caller's transaction; returns how many tags went."""
+    ids = select(tag_labels.c.id).where(tag_labels.c.label_set == label_set).scalar_subquery()
+    n = int(conn.execute(delete(tags).where(tags.c.label_id.in_(ids))).rowcount or 0)
+    conn.execute(delete(tag_labels).where(tag_labels.c.label_set == label_set))
+    return n
 
 
 class TagSetWriter:
@@ -119,25 +131,38 @@ class TagSetWriter:
         if len(photo_ids):
             self._queue.put((np.asarray(photo_ids), np.asarray(label_index), np.asarray(scores)))
 
-    def _rows(self, photo_ids: np.ndarray, label_index: np.ndarray, scores: np.ndarray) -> list[tuple]:
+    def _rows(self, label_ids: np.ndarray, photo_ids: np.ndarray, label_index: np.ndarray,
+              scores: np.ndarray) -> list[tuple]:
         order = np.lexsort((label_index, photo_ids))  # photo-id order: the primary-key B-tree grows at its end
-        label_of = [self.names[i] for i in label_index[order].tolist()]
-        return list(zip(photo_ids[order].tolist(), itertools.repeat(self.label_set), label_of,
-                        scores[order].astype(float).tolist(), itertools.repeat(self.space_id)))  # repeat: no strict
+        return list(zip(photo_ids[order].tolist(), label_ids[label_index[order]].tolist(),
+                        scores[order].astype(float).tolist(), strict=True))
+
+    def _labels(self, conn: Connection) -> np.ndarray:
+        """Replace the set's labels and tags; returns the new label ids, in the order of `names`."""
+        _delete_set(conn, self.label_set)
+        if not self.names:
+            return np.zeros(0, np.int64)
+        conn.execute(insert(tag_labels), [{"label_set": self.label_set, "label": n, "space_id": self.space_id}
+                                          for n in self.names])
+        got = dict(conn.execute(select(tag_labels.c.label, tag_labels.c.id)
+                                .where(tag_labels.c.label_set == self.label_set)).all())
+        return np.array([got[n] for n in self.names], np.int64)
 
     def _run(self) -> None:
         finished = False  # whether the exit sentinel has been taken off the queue
         try:
             with self.catalog.engine.connect() as conn, conn.begin() as trans:
-                conn.execute(delete(tags).where(tags.c.label_set == self.label_set))
+                label_ids = self._labels(conn)
                 ph = "?" if conn.dialect.paramstyle == "qmark" else "%s"
-                sql = (f"INSERT INTO tags (photo_id, label_set, label, score, space_id) "
-                       f"VALUES ({ph}, {ph}, {ph}, {ph}, {ph})")
+                sql = f"INSERT INTO tags (photo_id, label_id, score) VALUES ({ph}, {ph}, {ph})"
                 while (item := self._queue.get()) is not None:
-                    rows = self._rows(*item)
+                    rows = self._rows(label_ids, *item)
                     conn.exec_driver_sql(sql, rows)
                     self.written += len(rows)
                 finished = True
+                # labels no photo passed leave no row behind: the filter widgets list only labels in use
+                used = select(tags.c.label_id).where(tags.c.label_id == tag_labels.c.id).exists()
+                conn.execute(delete(tag_labels).where(tag_labels.c.label_set == self.label_set, ~used))
                 if not self._commit:
                     trans.rollback()  # the caller failed: keep the previous run of this label set
         except BaseException as e:  # reported to the caller by add() or on exit

@@ -10,7 +10,7 @@ import numpy as np
 from sqlalchemy import and_, func, or_, select
 
 from .catalog import Catalog
-from .schema import embeddings, photos, tags
+from .schema import embeddings, photos, tag_labels, tags
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ def filter_ids(catalog: Catalog, space_id: int, flt: PhotoFilter) -> np.ndarray 
         conds.append(func.upper(photos.c.format).in_([f.upper() for f in flt.formats]))
     q = select(photos.c.id).join(embeddings, embeddings.c.photo_id == photos.c.id).where(and_(*conds))
     for label in flt.tags:
-        q = q.where(photos.c.id.in_(select(tags.c.photo_id).where(tags.c.label == label)))
+        label_ids = select(tag_labels.c.id).where(tag_labels.c.label == label)
+        q = q.where(photos.c.id.in_(select(tags.c.photo_id).where(tags.c.label_id.in_(label_ids))))
     with catalog.engine.connect() as conn:
         return np.fromiter(conn.execute(q).scalars(), dtype=np.int64)

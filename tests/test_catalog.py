@@ -55,6 +55,49 @@ def test_schema_version_is_recorded_and_newer_catalogs_are_refused(catalog_url: 
         Catalog(catalog_url)
 
 
+@pytest.mark.parametrize("killed_midway", [False, True])
+def test_a_v1_catalog_migrates_with_its_tags(catalog_url: str, killed_midway: bool) -> None:
+    """v1 stored label strings on every tag row; v2 keeps them in tag_labels. Opening a v1 catalog migrates it,
+    tags, exports and tag filters unchanged, also when an earlier migration was killed after copying the old rows
+    aside and dropping the table (SQLite runs that DDL outside the transaction)."""
+    from sqlalchemy import insert, update
+
+    from indexer.annotations import TagStore
+    from indexer.filters import PhotoFilter, filter_ids
+    from indexer.schema import TAGS_V1, meta, tag_labels, tags
+
+    cat = Catalog(catalog_url)
+    sid = cat.ensure_space("k", "test", "test", 4)
+    half = np.ones(4, np.float32) / 2
+    cat.write_batch(sid, [_rec(b"a.jpg"), _rec(b"b.jpg")], {0: half, 1: half})
+    a, b = sorted(cat.embedded_ids(sid))
+    with cat.engine.begin() as conn:  # turn it into what clipsearch v1 wrote
+        tags.drop(conn)
+        tag_labels.drop(conn)
+        TAGS_V1.create(conn)
+        conn.execute(insert(TAGS_V1), [
+            {"photo_id": a, "label_set": "pets", "label": "cat", "score": 0.9, "space_id": sid},
+            {"photo_id": b, "label_set": "pets", "label": "dog", "score": 0.8, "space_id": sid},
+            {"photo_id": b, "label_set": "scenes", "label": "beach", "score": 0.7, "space_id": sid}])
+        conn.execute(update(meta).where(meta.c.key == "schema_version").values(value="1"))
+    if killed_midway:
+        with cat.engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE tags_v1 AS SELECT * FROM tags")
+            conn.exec_driver_sql("DROP TABLE tags")
+    cat.dispose()
+
+    cat = Catalog(catalog_url)
+    assert cat.get_meta("schema_version") == str(SCHEMA_VERSION) == "2"
+    store = TagStore(cat)
+    assert [(r.photo_id, r.label_set, r.label, round(r.score, 3)) for r in store.rows()] == [
+        (a, "pets", "cat", 0.9), (b, "scenes", "beach", 0.7), (b, "pets", "dog", 0.8)]
+    assert store.label_sets() == {"pets": 2, "scenes": 1}
+    assert store.labels() == ["beach", "cat", "dog"]
+    assert filter_ids(cat, sid, PhotoFilter(tags=("dog",))).tolist() == [b]
+    assert store.remove_set("pets") == 2 and store.labels() == ["beach"]
+    cat.dispose()
+
+
 def test_full_pipeline_on_each_backend(catalog_url, library, tmp_path, tiny_encoder) -> None:
     from indexer.config import AppConfig
 
