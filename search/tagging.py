@@ -88,7 +88,7 @@ def tag_library(svc: SearchService, labels: str | list[str], name: str | None = 
     # The catalog write streams beside the matrix products (a background writer, one transaction) rather than
     # after them; a dry run only previews.
     with contextlib.nullcontext() if dry_run else svc.tags.writer(label_set, space.id, names) as writer:
-        for ids, vecs in svc.store.iter_vectors(space):
+        for ids, vecs in svc.store.iter_vectors(space, reuse=True):  # consumed before the next chunk
             if allowed is not None:
                 mask = np.isin(ids, allowed)
                 ids, vecs = ids[mask], vecs[mask]
