@@ -133,7 +133,7 @@ class TagSetWriter:
 
     def _rows(self, label_ids: np.ndarray, photo_ids: np.ndarray, label_index: np.ndarray,
               scores: np.ndarray) -> list[tuple]:
-        order = np.lexsort((label_index, photo_ids))  # photo-id order: the primary-key B-tree grows at its end
+        order = np.lexsort((photo_ids, label_index))  # the key's order: each label's rows go in as one run
         return list(zip(photo_ids[order].tolist(), label_ids[label_index[order]].tolist(),
                         scores[order].astype(float).tolist(), strict=True))
 

@@ -92,17 +92,19 @@ tag_labels = Table(
     Index("ix_tag_labels_label", "label"),
 )
 
-# A tagging run writes up to one row per photo and label set (a million at a time), so rows are three numbers and
-# the table is clustered on its key (SQLite WITHOUT ROWID): the bulk insert costs about half of what string
-# labels did. label_id has no foreign key on purpose: its check doubled the insert time, and the only writers
-# (TagSetWriter, TagStore.remove_set) insert and delete labels and their tags in one transaction.
+# A tagging run writes up to one row per photo and label set (a million at a time), so rows are three numbers,
+# clustered by label (SQLite WITHOUT ROWID): a run's labels get fresh ids, so its rows append to the table, and
+# replacing or removing a set deletes one contiguous range. Against string labels clustered by photo, the bulk
+# insert and the delete of a million tags each cost about half. label_id has no foreign key on purpose: its check
+# slowed the insert by a third, and the only writers (TagSetWriter, TagStore.remove_set) insert and delete labels
+# and their tags in one transaction.
 tags = Table(
     "tags",
     metadata,
-    Column("photo_id", Integer, ForeignKey("photos.id", ondelete="CASCADE"), primary_key=True),
     Column("label_id", Integer, primary_key=True),  # tag_labels.id
+    Column("photo_id", Integer, ForeignKey("photos.id", ondelete="CASCADE"), primary_key=True),
     Column("score", Float, nullable=False),
-    Index("ix_tags_label_photo", "label_id", "photo_id"),
+    Index("ix_tags_photo", "photo_id"),
     sqlite_with_rowid=False,
 )
 

@@ -169,6 +169,30 @@ def test_tag_probabilities_match_the_reference_softmax_and_sigmoid() -> None:
     np.testing.assert_allclose(probs, ref[rows, cols], rtol=1e-4)
 
 
+@pytest.mark.parametrize("multi", [False, True])
+def test_tag_scoring_on_a_thread_per_core_matches_one_pass(multi: bool) -> None:
+    """Tagging scores a chunk's blocks on a thread pool; the rows, labels and probabilities are those of one
+    serial pass, in the same order, across block boundaries (10,000 rows: three blocks)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from search.tagging import _BLOCK, _score_blocks, passing_labels
+
+    rng = np.random.default_rng(5)
+    vecs = rng.normal(size=(10_000, 32)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    labels = rng.normal(size=(9, 32)).astype(np.float32)
+    labels /= np.linalg.norm(labels, axis=1, keepdims=True)
+    thr = np.full(9, 0.4, np.float32)
+    neutral = (labels[0] + labels[1]) / np.linalg.norm(labels[0] + labels[1]) if multi else None
+    assert len(vecs) > 2 * _BLOCK
+    with ThreadPoolExecutor(3) as pool:
+        got = _score_blocks(pool, vecs, labels, thr, 30.0, neutral)
+    want = passing_labels(vecs, labels, thr, 30.0, neutral)
+    assert got[0].tolist() == want[0].tolist() and got[1].tolist() == want[1].tolist()
+    assert got[0].max() > 2 * _BLOCK  # rows of the last block carry their offset
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-6)
+
+
 def test_tag_examples_are_each_labels_strongest_matches(tmp_path) -> None:
     photos = [("/p/a/dogcar.jpg", "dog car park", None), ("/p/a/dog.jpg", "dog", None),
               ("/p/a/doggrass.jpg", "dog grass", None), ("/p/a/car.jpg", "car", None)]
