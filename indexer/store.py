@@ -57,17 +57,20 @@ class _Loaded:
 _READ_FLAGS = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)  # combined, the two flags fail on IVF files
 
 
-def _advise_willneed(path: Path) -> None:
+def _read_through(path: Path) -> None:
+    """Read a file start to end so that its pages sit in the OS page cache (a hint; never fails).
+
+    Why not rely on the memory map or posix_fadvise: faulting a cold mapped index in page by page ran at ~25 MB/s
+    on the project's VM (73 s for the 2 GB index of a million photos), and WILLNEED barely helped, while one
+    sequential read of the same file takes 2.5 s.
+    """
+    buf = bytearray(16 << 20)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
     except OSError:
         pass
-    finally:
-        os.close(fd)
 
 
 def _fsync_replace(tmp: str, final: Path) -> None:
@@ -90,6 +93,7 @@ class VectorStore:
         self.options = options
         self._loaded: dict[str, _Loaded] = {}
         self._lock = threading.Lock()
+        self._prefetching: dict[str, threading.Thread] = {}  # index file -> the thread reading it into the cache
 
     def manifest_path(self, space: SpaceInfo) -> Path:
         """Where the manifest of a space lives."""
@@ -213,9 +217,23 @@ class VectorStore:
         while the text tower runs instead of after it.
         """
         manifest = self.read_manifest(space)
-        if manifest is not None and hasattr(os, "posix_fadvise"):
+        if manifest is not None:
             path = self.dir / str(manifest.get("file"))
-            threading.Thread(target=_advise_willneed, args=(path,), name="index-prefetch", daemon=True).start()
+            thread = threading.Thread(target=_read_through, args=(path,), name="index-prefetch", daemon=True)
+            self._prefetching[str(path)] = thread
+            thread.start()
+
+    def _warm(self, space: SpaceInfo) -> None:
+        """Have the index file in the page cache before streaming all of it: wait for a prefetch, else read it."""
+        manifest = self.read_manifest(space)
+        if manifest is None:
+            return
+        path = self.dir / str(manifest.get("file"))
+        thread = self._prefetching.pop(str(path), None)
+        if thread is not None:
+            thread.join()
+        else:
+            _read_through(path)
 
     def sync(self, space: SpaceInfo) -> None:
         """Make the on-disk index of a space match the catalog (called at the end of an indexing run)."""
@@ -233,6 +251,7 @@ class VectorStore:
         million vectors saves gigabytes of page faults; by default each chunk is the caller's own copy.
         """
         index = self.index_for(space)
+        self._warm(space)
         if isinstance(index, faiss.IndexIDMap2):
             flat = faiss.downcast_index(index.index)
             n, d = flat.ntotal, flat.d
