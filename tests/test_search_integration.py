@@ -130,7 +130,8 @@ def test_store_streams_the_catalogs_vectors_for_flat_and_ivf(tmp_path, exact_max
     assert sorted(ids.tolist()) == sorted(cat.embedded_ids(sid))
     want = {i: v for chunk_ids, chunk in cat.iter_vectors(sid) for i, v in zip(chunk_ids, chunk, strict=True)}
     assert all(np.array_equal(want[i], v) for i, v in zip(ids.tolist(), streamed, strict=True))
-    # reuse: the same chunks through one buffer (tagging consumes each before asking for the next)
+    # reuse: the same chunks through one buffer (tagging consumes each before asking for the next), after a prefetch
+    store.prefetch(cat.space(sid))
     reused = [(i.copy(), v.copy()) for i, v in store.iter_vectors(cat.space(sid), batch=700, reuse=True)]
     assert np.array_equal(np.concatenate([i for i, _ in reused]), ids)
     assert np.array_equal(np.concatenate([v for _, v in reused]), streamed)
