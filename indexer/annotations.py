@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql.expression import Exists
 
 from .catalog import Catalog
 from .errors import UsageError
@@ -57,9 +58,8 @@ class TagStore:
 
     def labels(self) -> list[str]:
         """Every distinct label that some photo carries (for filter widgets)."""
-        used = select(tags.c.label_id).where(tags.c.label_id == tag_labels.c.id).exists()
         with self.catalog.engine.connect() as conn:
-            q = select(tag_labels.c.label).where(used).distinct().order_by(tag_labels.c.label)
+            q = select(tag_labels.c.label).where(_in_use()).distinct().order_by(tag_labels.c.label)
             return list(conn.execute(q).scalars())
 
     def tags_of(self, photo_ids: list[int]) -> dict[int, list[str]]:
@@ -83,6 +83,11 @@ class TagStore:
         with self.catalog.engine.connect() as conn:
             return [TagRow(int(a), b, c, d, float(e)) for a, b, c, d, e in
                     conn.execute(q.order_by(photos.c.path, tag_labels.c.label))]
+
+
+def _in_use() -> Exists:
+    """Condition on tag_labels rows: some photo carries the label."""
+    return select(tags.c.label_id).where(tags.c.label_id == tag_labels.c.id).exists()
 
 
 def _delete_set(conn: Connection, label_set: str) -> int:
@@ -161,8 +166,7 @@ class TagSetWriter:
                     self.written += len(rows)
                 finished = True
                 # labels no photo passed leave no row behind: the filter widgets list only labels in use
-                used = select(tags.c.label_id).where(tags.c.label_id == tag_labels.c.id).exists()
-                conn.execute(delete(tag_labels).where(tag_labels.c.label_set == self.label_set, ~used))
+                conn.execute(delete(tag_labels).where(tag_labels.c.label_set == self.label_set, ~_in_use()))
                 if not self._commit:
                     trans.rollback()  # the caller failed: keep the previous run of this label set
         except BaseException as e:  # reported to the caller by add() or on exit

@@ -216,19 +216,22 @@ class VectorStore:
         Tagging calls this before encoding its labels, so a cold index (2 GB at 1M photos) comes off the disk
         while the text tower runs instead of after it.
         """
-        manifest = self.read_manifest(space)
-        if manifest is not None:
-            path = self.dir / str(manifest.get("file"))
+        path = self._index_file(space)
+        if path is not None:
             thread = threading.Thread(target=_read_through, args=(path,), name="index-prefetch", daemon=True)
             self._prefetching[str(path)] = thread
             thread.start()
 
+    def _index_file(self, space: SpaceInfo) -> Path | None:
+        """The index file the manifest names, or None without a manifest."""
+        manifest = self.read_manifest(space)
+        return None if manifest is None else self.dir / str(manifest.get("file"))
+
     def _warm(self, space: SpaceInfo) -> None:
         """Have the index file in the page cache before streaming all of it: wait for a prefetch, else read it."""
-        manifest = self.read_manifest(space)
-        if manifest is None:
+        path = self._index_file(space)
+        if path is None:
             return
-        path = self.dir / str(manifest.get("file"))
         thread = self._prefetching.pop(str(path), None)
         if thread is not None:
             thread.join()

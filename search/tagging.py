@@ -11,6 +11,7 @@ import contextlib
 import csv
 import json
 import os
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from .service import ImageRef, SearchService
 
 DEFAULT_SET = "zeroshot"
-_BLOCK = 4096  # image rows per block in passing_labels: 4096 x 1,000 labels of float32 is 16 MB
+_BLOCK = 4096  # image rows per scoring block: 4096 x 1,000 labels of float32 is 16 MB
 
 
 def _probs(svc: SearchService, vecs: np.ndarray, labels: np.ndarray, multi: bool, tmpl: list[str]) -> np.ndarray:
@@ -97,7 +98,7 @@ def tag_library(svc: SearchService, labels: str | list[str], name: str | None = 
                 mask = np.isin(ids, allowed)
                 ids, vecs = ids[mask], vecs[mask]
             if len(ids):
-                rows, cols, probs = _score_blocks(pool, vecs, lvec, thr, scale, neutral)
+                rows, cols, probs = _score_blocks(pool.map, vecs, lvec, thr, scale, neutral)
                 parts.append((ids[rows], cols, probs))
                 if writer is not None:
                     writer.add(*parts[-1])
@@ -118,16 +119,18 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _score_blocks(pool: ThreadPoolExecutor, vecs: np.ndarray, labels: np.ndarray, thr: np.ndarray, scale: float,
+def _score_blocks(map_fn: Callable[..., Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]], vecs: np.ndarray,
+                  labels: np.ndarray, thr: np.ndarray, scale: float,
                   neutral: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """passing_labels over a chunk, one block per task on a thread per core (BLAS single-threaded meanwhile).
+    """_passing_block over a chunk's blocks through `map_fn` (builtin map, or a thread pool's map), rows offset.
 
-    Why not one multi-threaded matrix product: BLAS splits it evenly across the cores, so while the tag writer
-    holds one core, every product waits for its slower half (measured: 12 -> 21 s per million rows on 2 cores);
-    blocks taken from a queue keep every core busy, and the softmax passes run in parallel too.
+    Tagging passes a pool with a thread per core, BLAS single-threaded meanwhile. Why not one multi-threaded matrix
+    product: BLAS splits it evenly across the cores, so while the tag writer holds one core, every product waits
+    for its slower half (measured: 12 -> 21 s per million rows on 2 cores); blocks taken from a queue keep every
+    core busy, and the softmax passes run in parallel too.
     """
     starts = range(0, len(vecs), _BLOCK)
-    parts = pool.map(lambda s: passing_labels(vecs[s : s + _BLOCK], labels, thr, scale, neutral), starts)
+    parts = map_fn(lambda s: _passing_block(vecs[s : s + _BLOCK], labels, thr, scale, neutral), starts)
     return _concat([(rows + s, cols, prob) for s, (rows, cols, prob) in zip(starts, parts, strict=True)])
 
 
@@ -137,14 +140,15 @@ def passing_labels(vecs: np.ndarray, labels: np.ndarray, thr: np.ndarray, scale:
 
     Single-label (neutral None): the best label per image with its softmax probability, computed without
     materialising the probability matrix. Multi-label: the threshold on sigmoid(scale * (s - s_neutral)) becomes a
-    cut on the cosine gap, so only passing entries get a probability.
+    cut on the cosine gap, so only passing entries get a probability. Serial; tagging runs the same blocks on a
+    thread pool.
     """
-    if len(vecs) > _BLOCK:  # blocks whose (rows x labels) logits stay in the CPU cache through the passes below
-        parts = []
-        for start in range(0, len(vecs), _BLOCK):
-            rows, cols, prob = passing_labels(vecs[start : start + _BLOCK], labels, thr, scale, neutral)
-            parts.append((rows + start, cols, prob))
-        return _concat(parts)
+    return _score_blocks(map, vecs, labels, thr, scale, neutral)
+
+
+def _passing_block(vecs: np.ndarray, labels: np.ndarray, thr: np.ndarray, scale: float,
+                   neutral: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """passing_labels for one block: its (rows x labels) logits stay in the CPU cache through the passes below."""
     logits = vecs @ (labels * np.float32(scale)).T  # (n, L): scaled cosines, scale folded into the small side
     if neutral is None:
         best = logits.argmax(axis=1)

@@ -186,7 +186,7 @@ def test_tag_scoring_on_a_thread_per_core_matches_one_pass(multi: bool) -> None:
     neutral = (labels[0] + labels[1]) / np.linalg.norm(labels[0] + labels[1]) if multi else None
     assert len(vecs) > 2 * _BLOCK
     with ThreadPoolExecutor(3) as pool:
-        got = _score_blocks(pool, vecs, labels, thr, 30.0, neutral)
+        got = _score_blocks(pool.map, vecs, labels, thr, 30.0, neutral)
     want = passing_labels(vecs, labels, thr, 30.0, neutral)
     assert got[0].tolist() == want[0].tolist() and got[1].tolist() == want[1].tolist()
     assert got[0].max() > 2 * _BLOCK  # rows of the last block carry their offset
