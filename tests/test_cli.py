@@ -46,3 +46,34 @@ def test_errors_are_one_line_with_exit_codes(library, tmp_path) -> None:
     assert r.returncode == 2
     r = run("search", "x", "--model", TINY, home=home)  # nothing indexed yet
     assert r.returncode == 3 and "no photos are indexed" in r.stderr
+
+
+def test_demo_indexes_the_sample_library_and_serves_the_ui(tmp_path) -> None:
+    """The README's first command (`make demo` runs `clipsearch demo`): sample photos indexed with the bundled model,
+    then the UI answering on its port, offline."""
+    import signal
+    import time
+    import urllib.request
+
+    from .conftest import _free_port
+
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ui.cli", "demo", "--count", "24", "--port", str(port),
+                             "--home", str(tmp_path / "home")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True)
+    try:
+        deadline, up = time.time() + 240, False
+        while time.time() < deadline and proc.poll() is None and not up:
+            try:
+                up = urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).status == 200
+            except OSError:
+                time.sleep(0.5)
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert up, "the UI did not answer"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        out = proc.communicate(timeout=30)[0]
+    assert "indexed 24 sample photos" in out and f"http://127.0.0.1:{port}" in out, out
+    st = json.loads(run("status", "--json", home=tmp_path / "home").stdout)
+    assert st["indexed"] == 24

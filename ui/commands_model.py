@@ -47,9 +47,12 @@ def add_model_commands(sub: Any) -> None:
     p = sub.add_parser("demo", help="generate a sample library, index it with the bundled model, open the UI")
     p.add_argument("--count", type=int, default=240)
     p.add_argument("--no-ui", action="store_true", help="stop after indexing")
-    p.add_argument("--port", type=int, default=8501)
+    _ui_address(p)  # demo ends in cmd_ui, so it takes the same address options
 
-    p = sub.add_parser("ui", help="start the Streamlit interface")
+    _ui_address(sub.add_parser("ui", help="start the Streamlit interface"))
+
+
+def _ui_address(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8501)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
 
