@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from indexer import decode
 from indexer.decode import PreprocessSpec, decode_bytes, decode_file, preprocess, sniff_format
 
 SPEC = PreprocessSpec(size=32)
@@ -112,3 +113,54 @@ def test_jpeg_draft_decodes_near_model_size() -> None:
     assert im.size[0] < 1000  # the DCT-scaled decode the indexer relies on
     r = decode_bytes(data, PreprocessSpec(size=224))
     assert r.status == "indexed" and (r.width, r.height) == (4000, 3000)
+
+
+def _textured(w: int, h: int, seed: int) -> np.ndarray:
+    """Smooth-ish colour gradients with noise: JPEG blocks that differ, so a scale or pixel slip shows."""
+    rng = np.random.default_rng(seed)
+    return np.cumsum(rng.integers(0, 9, (h, w, 3)), axis=1).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "size, mode, save",
+    [
+        ((4000, 3000), "RGB", {}),  # camera-sized: 1/8 DCT scale
+        ((999, 749), "RGB", {}),  # 1/2 scale with odd sides
+        ((1001, 751), "RGB", {"progressive": True}),
+        ((1200, 1600), "RGB", {"subsampling": 0}),  # 4:4:4, portrait, 1/4 scale
+        ((1600, 1200), "L", {}),  # greyscale JPEG
+        ((230, 900), "RGB", {}),  # too small to scale down
+        ((40, 30), "RGB", {}),  # smaller than the model input
+    ],
+)
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_fast_jpeg_path_gives_pillows_pixels(size, mode, save, orientation, monkeypatch) -> None:
+    im = Image.fromarray(_textured(*size, seed=size[0])).convert(mode)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    data = _bytes(im, "JPEG", quality=90, exif=exif, **save)
+    spec = PreprocessSpec(size=224)
+    fast = decode_bytes(data, spec)
+    monkeypatch.setattr(decode, "_FAST_JPEG", False)
+    slow = decode_bytes(data, spec)
+    assert fast.status == slow.status == "indexed"
+    assert (fast.width, fast.height) == (slow.width, slow.height)
+    assert np.array_equal(fast.pixels, slow.pixels)  # same scale, same upsampling, same orientation
+
+
+def _fast(data: bytes, target: int) -> Image.Image | None:
+    return decode._fast_jpeg(data, Image.open(io.BytesIO(data)), decode._header(Image.open(io.BytesIO(data))), target)
+
+
+def test_fast_jpeg_path_defers_damage_and_cmyk_to_pillow(monkeypatch) -> None:
+    rgb = _bytes(Image.fromarray(_textured(640, 480, seed=1)), "JPEG", quality=90)
+    assert _fast(rgb, 224) is not None
+    cut = rgb[: len(rgb) * 2 // 3]
+    assert _fast(cut, 224) is None
+    r = decode_bytes(cut, SPEC)
+    assert r.status == "failed" and "truncated" in r.reason  # Pillow's reason, not a grey half-photo
+    cmyk = _bytes(Image.fromarray(_textured(320, 240, seed=2)).convert("CMYK"), "JPEG")
+    assert _fast(cmyk, 64) is None
+    r = decode_bytes(cmyk, PreprocessSpec(size=64))
+    monkeypatch.setattr(decode, "_FAST_JPEG", False)
+    assert r.status == "indexed" and np.array_equal(r.pixels, decode_bytes(cmyk, PreprocessSpec(size=64)).pixels)
