@@ -6,22 +6,28 @@ pre-made uint8 tensors. The ratio says whether decoding starves the model. Decod
 the same files with the model idle; from it and model-only follows the best ratio possible when decoding and the
 model share the same cores (time per image = 1/model + 1/decode), printed as the ceiling.
 
-    python bench/index_throughput.py [--model ViT-B-32:none] [--count 96] [--batch-size 32] [--workers N]
+    python bench/index_throughput.py [--model ViT-B-32:none] [--count 96] [--batch-size 32] [--workers N] [--rounds 3]
+
+The machine's speed drifts by 10% and more between runs of a few seconds (shared VM), so the three rates are
+measured in alternating rounds and the medians are compared; each round's own ratio is printed too, and so is the
+model's share of the end-to-end time (embedding seconds / total seconds of the same run), which is the ratio with
+the model's speed taken from the very seconds it ran in, so drift cancels out.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from indexer.cores import usable_cores
 from indexer.decode import PreprocessSpec
 from indexer.workers import decode_task, init_worker
 
@@ -53,6 +59,14 @@ def decode_rate(files: list[Path], spec: PreprocessSpec, workers: int) -> float:
     return rate
 
 
+def model_rate(enc: Any, pix: np.ndarray, batch_size: int) -> float:
+    """Images/s of the encoder alone on pre-made uint8 tensors."""
+    t = time.perf_counter()
+    for i in range(0, len(pix), batch_size):
+        enc.encode_pixels(pix[i : i + batch_size])
+    return len(pix) / (time.perf_counter() - t)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="ViT-B-32:none")
@@ -62,6 +76,7 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--index-threads", type=int, default=None,
                     help="torch threads while indexing (default: the pipeline's choice)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds; medians are reported")
     ap.add_argument("--photos", type=Path, help="keep the generated JPEGs in this folder and reuse them")
     args = ap.parse_args()
     from indexer.app import open_parts
@@ -81,24 +96,31 @@ def main() -> None:
         s = enc.preprocess_spec.size
         pix = np.random.default_rng(1).integers(0, 255, (args.count, s, s, 3), dtype=np.uint8)
         enc.encode_pixels(pix[: args.batch_size])  # warm-up
-        t = time.perf_counter()
-        for i in range(0, args.count, args.batch_size):
-            enc.encode_pixels(pix[i : i + args.batch_size])
-        model_only = args.count / (time.perf_counter() - t)
-        decode_only = decode_rate(sorted(lib.iterdir()), enc.preprocess_spec, args.workers or os.cpu_count() or 1)
-        cfg = AppConfig(home=Path(tmp) / "home", model=args.model)
-        parts = open_parts(cfg)
-        ix = Indexer(parts.catalog, parts.store, enc, cfg.home,
-                     IndexOptions(batch_size=args.batch_size, workers=args.workers,
-                                  torch_threads=args.index_threads))
-        rep = ix.run([lib])
-        e2e = rep.indexed / rep.seconds
-        print(f"model-only : {model_only:8.2f} images/s")
-        print(f"end-to-end : {e2e:8.2f} images/s  (stages: { {k: round(v, 2) for k, v in rep.stage_seconds.items()} })")
-        print(f"decode-only: {decode_only:8.2f} images/s")
-        ceiling = (1 / model_only) / (1 / model_only + 1 / decode_only)
-        print(f"ratio end-to-end / model-only: {e2e / model_only:.3f}  (shared-core ceiling {ceiling:.3f})")
-
+        files = sorted(lib.iterdir())
+        model_only, e2e, decode_only, share = [], [], [], []
+        for r in range(args.rounds):  # alternate, so that drift in the machine's speed hits all three alike
+            model_only.append(model_rate(enc, pix, args.batch_size))
+            decode_only.append(decode_rate(files, enc.preprocess_spec, args.workers or usable_cores()))
+            cfg = AppConfig(home=Path(tmp) / f"home{r}", model=args.model)
+            parts = open_parts(cfg)
+            ix = Indexer(parts.catalog, parts.store, enc, cfg.home,
+                         IndexOptions(batch_size=args.batch_size, workers=args.workers,
+                                      torch_threads=args.index_threads))
+            rep = ix.run([lib])
+            e2e.append(rep.indexed / rep.seconds)
+            share.append(rep.stage_seconds["embed"] / rep.seconds)
+            stages = {k: round(v, 2) for k, v in rep.stage_seconds.items()}
+            print(f"round {r + 1}: model-only {model_only[-1]:6.2f}  end-to-end {e2e[-1]:6.2f}  decode-only "
+                  f"{decode_only[-1]:6.2f} images/s  ratio {e2e[-1] / model_only[-1]:.3f}  "
+                  f"model share {share[-1]:.3f}  (stages: {stages})")
+        m, e, d = (float(np.median(x)) for x in (model_only, e2e, decode_only))
+        print(f"model-only : {m:8.2f} images/s (median of {args.rounds})")
+        print(f"end-to-end : {e:8.2f} images/s")
+        print(f"decode-only: {d:8.2f} images/s")
+        ceiling = (1 / m) / (1 / m + 1 / d)
+        print(f"ratio end-to-end / model-only: {e / m:.3f}  (shared-core ceiling {ceiling:.3f})")
+        print(f"model share of end-to-end time: {float(np.median(share)):.3f}  (the ratio with the model's speed taken "
+              "from the same seconds: steadier on a noisy machine)")
 
 if __name__ == "__main__":
     main()

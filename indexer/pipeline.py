@@ -23,6 +23,7 @@ import numpy as np
 
 from .catalog import Catalog, KnownFile, PhotoRecord
 from .config import IndexOptions
+from .cores import usable_cores
 from .decode import STATUS_INDEXED, STATUS_REUSE, DecodeResult, decode_file
 from .encoder import Encoder
 from .errors import UsageError
@@ -222,7 +223,7 @@ class Indexer:
         """Decode processes: as set, else every core when phases alternate, cores - 1 beside an accelerator."""
         if self.options.workers is not None:
             return self.options.workers
-        cores = os.cpu_count() or 2
+        cores = usable_cores()
         return max(1, cores - 1) if self._model_on_accelerator() else cores
 
     def _progress_bar(self, total: int) -> Any:

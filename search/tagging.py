@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from indexer.cores import usable_cores
 from indexer.errors import UsageError
 from indexer.filters import PhotoFilter, filter_ids
 
@@ -92,7 +92,7 @@ def tag_library(svc: SearchService, labels: str | list[str], name: str | None = 
     # The catalog write streams beside the matrix products (a background writer, one transaction) rather than
     # after them; a dry run only previews.
     with (contextlib.nullcontext() if dry_run else svc.tags.writer(label_set, space.id, names) as writer,
-          threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(_cores(), thread_name_prefix="tag") as pool):
+          threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(usable_cores(), thread_name_prefix="tag") as pool):
         for ids, vecs in svc.store.iter_vectors(space, reuse=True):  # consumed before the next chunk
             if allowed is not None:
                 mask = np.isin(ids, allowed)
@@ -113,10 +113,6 @@ def tag_library(svc: SearchService, labels: str | list[str], name: str | None = 
     written = 0 if writer is None else writer.written
     return TagPreview(label_set, considered, {n: int(counts[i]) for i, n in enumerate(names)}, example_paths,
                       written, dry_run)
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _score_blocks(map_fn: Callable[..., Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]], vecs: np.ndarray,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from indexer.cores import usable_cores
 from indexer.errors import IndexUnavailable, UsageError
 from indexer.store import StoreOptions, VectorStore
 
@@ -209,7 +210,7 @@ def test_alternating_and_overlapping_schedules_index_the_same(library, tmp_path,
     ref = make_indexer(AppConfig(home=tmp_path / "ref", model="x"), tiny_encoder, workers=0)
     ix = make_indexer(AppConfig(home=tmp_path / device, model="x"), _ReportsDevice(tiny_encoder, device),
                       workers=None, batch_size=3)
-    assert ix._workers() == (os.cpu_count() if device == "cpu" else max(1, os.cpu_count() - 1))
+    assert ix._workers() == (usable_cores() if device == "cpu" else max(1, usable_cores() - 1))
     r0, r1 = ref.run([library]), ix.run([library])
     assert (r1.indexed, dict(r1.failed)) == (r0.indexed, dict(r0.failed)) and r1.indexed == 8
     s0, s1 = ref.catalog.spaces()[0].id, ix.catalog.spaces()[0].id
