@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import create_engine, delete, event, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from .errors import CatalogError
 from .schema import embeddings, ensure_schema, meta, photos, spaces, tags
@@ -116,7 +116,8 @@ class Catalog:
             except SQLAlchemyError as e:
                 # Another process (the indexer, or the UI) may be creating the same fresh catalog right now: the
                 # tables it made between our check and our CREATE are there on the next try.
-                if attempt == 2 or "already exists" not in str(e):
+                racing = "already exists" in str(e) or isinstance(e, IntegrityError)  # the version row, written twice
+                if attempt == 2 or not racing:
                     raise CatalogError(f"cannot open catalog {self._safe_url()}: {str(e).splitlines()[0]}") from e
                 self.engine.dispose()
                 time.sleep(0.2)

@@ -165,18 +165,30 @@ def _v1_to_v2(conn: Connection) -> None:
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2}
 
 
+def _stored_version(conn: Connection, tables: set[str]) -> int:
+    """The catalog's schema version. When the row is missing, the tables tell which version made them, and the row
+    is written.
+
+    The row can be missing for two reasons. A process may have been killed while it created a fresh catalog:
+    SQLite commits each CREATE TABLE on its own, so the tables can outlive the version row. Or another process
+    may be creating the catalog right now. Guessing v1 there would run the v1 -> v2 migration on v2 tables.
+    """
+    row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()
+    if row is not None:
+        return int(row[0])
+    v1_tags = "tags_v1" in tables or (
+        "tags" in tables and "label_set" in {c["name"] for c in inspect(conn).get_columns("tags")})
+    version = 1 if v1_tags else SCHEMA_VERSION
+    conn.execute(meta.insert().values(key="schema_version", value=str(version)))
+    return version
+
+
 def ensure_schema(conn: Connection) -> None:
     """Create a fresh schema, or migrate an older one; refuse a catalog written by a newer clipsearch."""
     existing = set(inspect(conn).get_table_names())
-    if "photos" not in existing:
-        # checkfirst: a process killed while creating the tables may have left some of them behind
-        metadata.create_all(conn, checkfirst=True)
-        if conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first() is None:
-            conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
-        return
-    metadata.create_all(conn, checkfirst=True)  # tables added in a later version without data changes
-    row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()
-    version = int(row[0]) if row else 1
+    # checkfirst: creates a fresh catalog, the tables a killed creation left out, and tables a later version added
+    metadata.create_all(conn, checkfirst=True)
+    version = _stored_version(conn, existing)
     if version > SCHEMA_VERSION:
         raise CatalogError(
             f"the catalog uses schema v{version}, newer than this clipsearch (v{SCHEMA_VERSION}); upgrade clipsearch"

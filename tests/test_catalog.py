@@ -166,3 +166,34 @@ def test_tag_writer_replaces_a_set_whole_or_keeps_the_previous_one(catalog_url: 
         w.add(np.array([int(ids.max()) + 100]), np.array([0]), np.array([0.5], np.float32))
     assert [(r.photo_id, r.label, round(r.score, 3)) for r in store.rows("s")] == before
     cat.dispose()
+
+
+@pytest.mark.parametrize("made_by", ["v2", "v1"])
+def test_a_catalog_without_its_version_row_opens_as_the_version_its_tables_show(catalog_url: str, made_by: str) -> None:
+    """A creation killed after its CREATE TABLEs (SQLite commits each one) but before the version row: the next
+    open must neither run the v1 migration on v2 tables (it failed with 'no such column: label_set') nor forget
+    to migrate a v1 catalog."""
+    from sqlalchemy import delete, insert
+
+    from indexer.annotations import TagStore
+    from indexer.schema import TAGS_V1, meta, tag_labels, tags
+
+    cat = Catalog(catalog_url)
+    sid = cat.ensure_space("k", "test", "test", 4)
+    cat.write_batch(sid, [_rec(b"a.jpg")], {0: np.ones(4, np.float32) / 2})
+    (a,) = cat.embedded_ids(sid)
+    with cat.engine.begin() as conn:
+        if made_by == "v1":
+            tags.drop(conn)
+            tag_labels.drop(conn)
+            TAGS_V1.create(conn)
+            conn.execute(insert(TAGS_V1), [{"photo_id": a, "label_set": "pets", "label": "cat", "score": 0.9,
+                                            "space_id": sid}])
+        conn.execute(delete(meta).where(meta.c.key == "schema_version"))
+    cat.dispose()
+    for _ in range(2):  # and the version is on record afterwards
+        cat = Catalog(catalog_url)
+        assert cat.get_meta("schema_version") == str(SCHEMA_VERSION)
+        assert cat.counts_by_status()["indexed"] == 1
+        assert [(r.label_set, r.label) for r in TagStore(cat).rows()] == ([("pets", "cat")] if made_by == "v1" else [])
+        cat.dispose()
