@@ -28,10 +28,11 @@ try:  # HEIC/AVIF support is optional at import time so that a broken wheel does
 except Exception:  # pragma: no cover - depends on the platform wheel
     HEIF_AVAILABLE = False
 
-try:  # libjpeg-turbo behind a lean interface: the same pixels as Pillow's draft decode, 12-20% faster per photo
+try:  # libjpeg-turbo called directly: the same pixels as Pillow's draft decode in ~12% less time
     import simplejpeg
 except ImportError:  # pragma: no cover - an optional accelerator; Pillow decodes everything without it
     simplejpeg = None
+_FAST_JPEG = True  # tests switch it off to compare the fast path with Pillow's own decoder
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure with a reason, not a half-grey photo
 
@@ -44,7 +45,6 @@ STATUS_REUSE = "reuse"  # content already embedded elsewhere (moved or duplicate
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp", ".heic", ".heif", ".avif"}
 )
-_FAST_JPEG = True  # tests switch it off to compare the fast path with Pillow's own decoder
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"}
 
 
@@ -214,11 +214,10 @@ def _draft_factor(size: tuple[int, int], target: int) -> int:
 def _fast_jpeg(data: bytes, im: Image.Image, header: _Header, target: int) -> Image.Image | None:
     """Upright RGB through simplejpeg at Pillow's draft scale, or None to let Pillow decode (and explain) it.
 
-    Decoding dominates indexing on a CPU (a 12 MP JPEG is ~45 ms of a core even at 1/8 scale, almost all of it
-    entropy decoding), and Pillow's incremental decoder adds ~12-20% on top of libjpeg-turbo. Asking for the
-    exact size Pillow's draft would produce makes the pixels identical (tested), so a library indexed either
-    way embeds the same. CMYK and anything libjpeg reports as damaged take the Pillow path, which gives the
-    failure its reason.
+    Decoding dominates indexing on a CPU: a 12 MP JPEG costs ~39 ms of a core this way even at 1/8 scale, almost
+    all of it entropy decoding, and ~44 ms through Pillow (bench/RESULTS.md). Asking for the exact size Pillow's
+    draft would produce makes the pixels identical (tested), so a library indexed either way embeds the same.
+    CMYK and anything libjpeg reports as damaged take the Pillow path, which gives the failure its reason.
     """
     if simplejpeg is None or im.mode not in ("RGB", "L"):
         return None
