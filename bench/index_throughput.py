@@ -122,5 +122,6 @@ def main() -> None:
         print(f"model share of end-to-end time: {float(np.median(share)):.3f}  (the ratio with the model's speed taken "
               "from the same seconds: steadier on a noisy machine)")
 
+
 if __name__ == "__main__":
     main()

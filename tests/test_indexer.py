@@ -202,6 +202,22 @@ class _ReportsDevice:
         return getattr(self._enc, name)
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="this OS has no CPU affinity")
+def test_decode_workers_follow_the_cpu_set_not_the_host_count(tmp_path, tiny_encoder) -> None:
+    """In a container limited to one CPU (here: this thread pinned to one), one decode process, not one per host
+    core pre-empting the model."""
+    from indexer.config import AppConfig
+
+    ix = make_indexer(AppConfig(home=tmp_path / "h", model="x"), tiny_encoder, workers=None)
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(before)})
+        assert usable_cores() == 1 and ix._workers() == 1
+    finally:
+        os.sched_setaffinity(0, before)
+    assert usable_cores() == len(before)
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda:0"])
 def test_alternating_and_overlapping_schedules_index_the_same(library, tmp_path, tiny_encoder, device) -> None:
     """CPU-only: decode and embed phases alternate on all cores; with an accelerator they overlap. Same result."""
