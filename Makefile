@@ -32,11 +32,11 @@ test: install-dev
 lint: install-dev
 	$(VENV)/bin/ruff check indexer search ui tests bench
 
-## Reproduce the bundled demo model (indexer/models/demo)
+## Reproduce the bundled demo model (indexer/model/demo)
 demo-model: install
 	$(VENV)/bin/clipsearch make-sample data/train --count 20000 --seed 1
 	$(VENV)/bin/clipsearch train data/train --captions captions_augmented.txt \
-	  --model indexer/models/clipsearch-demo.json:none --out indexer/models/demo \
+	  --model indexer/model/clipsearch-demo.json:none --out indexer/model/demo \
 	  --epochs 10 --batch-size 64 --lr 2e-3 --resize-mode squash --hard-batches 0.75 --hard-word 3 \
 	  --augment dihedral --save-half
 

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from indexer.cores import usable_cores
-from indexer.decode import PreprocessSpec
-from indexer.workers import decode_task, init_worker
+from clipsearch.indexer.ingest.cores import usable_cores
+from clipsearch.indexer.ingest.decode import PreprocessSpec
+from clipsearch.indexer.ingest.workers import decode_task, init_worker
 
 # torch (via indexer.encoder / indexer.pipeline) is imported inside main() only: decode workers are spawned, and a
 # spawned child re-imports the main script's top-level imports, which would cost every worker seconds of start-up
@@ -79,12 +79,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds; medians are reported")
     ap.add_argument("--photos", type=Path, help="keep the generated JPEGs in this folder and reuse them")
     args = ap.parse_args()
-    from indexer.app import open_parts
-    from indexer.config import AppConfig, IndexOptions
-    from indexer.encoder import Encoder
-    from indexer.pipeline import Indexer
+    from clipsearch.indexer.app import open_parts
+    from clipsearch.indexer.config import AppConfig, IndexOptions
+    from clipsearch.indexer.model.factory import create_encoder
+    from clipsearch.indexer.pipeline import Indexer
 
-    enc = Encoder(args.model, args.device)
+    enc = create_encoder(args.model, args.device)
     print(f"model {args.model} on {enc.device}, batch {args.batch_size}, decode workers {args.workers or 'auto'}")
     with tempfile.TemporaryDirectory() as tmp:
         lib = args.photos or Path(tmp) / "photos"

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.app import open_parts
-from indexer.config import AppConfig, IndexOptions
-from indexer.encoder import Encoder
-from indexer.pipeline import Indexer
-from indexer.sample import COLOURS, SHAPES, make_sample
-from search.service import SearchService
+from clipsearch.indexer.app import open_parts
+from clipsearch.indexer.config import AppConfig, IndexOptions
+from clipsearch.indexer.model.factory import create_encoder
+from clipsearch.indexer.model.sample import COLOURS, SHAPES, make_sample
+from clipsearch.indexer.pipeline import Indexer
+from clipsearch.search.service import SearchService
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=600)
     ap.add_argument("--queries", type=int, default=100)
     args = ap.parse_args()
-    enc = Encoder(args.model)
+    enc = create_encoder(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         lib = Path(tmp) / "lib"
         make_sample(lib, args.count, seed=3)

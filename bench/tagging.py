@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import delete, insert
 
-from indexer.catalog import Catalog
-from indexer.encoder import Encoder
-from indexer.schema import embeddings, photos, tag_labels, tags
-from indexer.store import VectorStore
-from search.service import SearchService
+from clipsearch.indexer.model.factory import create_encoder
+from clipsearch.indexer.storage.catalog import Catalog
+from clipsearch.indexer.storage.schema import embeddings, photos, tag_labels, tags
+from clipsearch.indexer.storage.store import VectorStore
+from clipsearch.search.service import SearchService
 
 
 def fill(cat: Catalog, space_id: int, n: int, dim: int) -> None:
@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--model", default="ViT-B-32:none")
     ap.add_argument("--workdir", type=Path, help="keep the catalog and index here and reuse them (setup once)")
     args = ap.parse_args()
-    enc = Encoder(args.model)
+    enc = create_encoder(args.model)
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.workdir or Path(scratch)
         tmp.mkdir(parents=True, exist_ok=True)

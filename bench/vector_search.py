@@ -16,7 +16,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from indexer.store import StoreOptions, VectorStore
+from clipsearch.indexer.storage.store import StoreOptions, VectorStore
 
 
 def clustered(n: int, dim: int, rng: np.random.Generator, centers: np.ndarray) -> np.ndarray:

@@ -1,17 +1,22 @@
-"""Wiring: build the real catalog, store and encoder from an AppConfig, once, for the CLI and the UI alike."""
+"""Wiring: build the real catalog, store and encoder from an AppConfig, once, for the CLI, the UI and the API."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .catalog import Catalog
-from .config import AppConfig, IndexOptions
-from .store import StoreOptions, VectorStore
+from clipsearch.indexer.config import DEFAULT_MODEL, AppConfig, IndexOptions
+from clipsearch.indexer.storage.catalog import Catalog
+from clipsearch.indexer.storage.store import StoreOptions, VectorStore
+
+if TYPE_CHECKING:
+    from clipsearch.indexer.model.protocol import Encoder
+    from clipsearch.indexer.pipeline import Indexer
 
 
 @dataclass
 class Parts:
-    """The long-lived parts a service needs; the encoder is loaded lazily because it is the slow one."""
+    """The long-lived parts a service needs; the encoder is built separately because it is the slow one."""
 
     config: AppConfig
     catalog: Catalog
@@ -25,19 +30,24 @@ def open_parts(config: AppConfig, store_options: StoreOptions = StoreOptions()) 
     return Parts(config, catalog, VectorStore(config.index_dir, catalog, store_options))
 
 
-def build_indexer(config: AppConfig, options: IndexOptions = IndexOptions()):  # -> Indexer (lazy torch import)
+def resolve_model(config: AppConfig, catalog: Catalog) -> str:
+    """The model a command uses: the one asked for, else the one the library was last indexed with, else the
+    default. Every command resolves it here, so `--help` can state one default for all of them."""
+    return config.model or catalog.get_meta("last_model") or DEFAULT_MODEL
+
+
+def build_encoder(config: AppConfig, catalog: Catalog) -> Encoder:
+    """The encoder for this config's model (loads it: the slow step)."""
+    from clipsearch.indexer.model.factory import create_encoder
+
+    return create_encoder(resolve_model(config, catalog), config.device)
+
+
+def build_indexer(config: AppConfig, options: IndexOptions = IndexOptions()) -> Indexer:
     """An Indexer over the real parts for this config (loads the model)."""
-    from .encoder import Encoder
-    from .pipeline import Indexer
+    from clipsearch.indexer.pipeline import Indexer
 
     parts = open_parts(config)
-    encoder = Encoder(config.model, config.device)
-    parts.catalog.set_meta("last_model", config.model)
+    encoder = build_encoder(config, parts.catalog)
+    parts.catalog.set_meta("last_model", encoder.spec)
     return Indexer(parts.catalog, parts.store, encoder, config.home, options)
-
-
-def resolve_model(config: AppConfig, catalog: Catalog, explicit: bool = False) -> str:
-    """The model to use: the configured one if given explicitly, else the one the library was last indexed with."""
-    if explicit:
-        return config.model
-    return catalog.get_meta("last_model") or config.model

@@ -1,34 +1,41 @@
-"""Configuration as frozen dataclasses, and where the app keeps its data.
+"""Configuration: one frozen AppConfig, built in one place (`load_config`) from the environment and flags.
 
-The home dir holds the SQLite catalog, the FAISS indexes and the thumbnail cache. It is never inside a photo
-root (the scanner also skips it explicitly).
+The CLI, the UI, the Python API and the subprocesses the UI starts all go through `load_config`, so a
+`CLIPSEARCH_*` variable means the same everywhere and is read nowhere else. The home dir holds the SQLite
+catalog, the FAISS indexes and caches; it is never inside a photo root (the scanner also skips it).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import platformdirs
+from typing import Any
 
 DEFAULT_MODEL = "ViT-B-32:laion2b_s34b_b79k"
+ENV_PREFIX = "CLIPSEARCH_"
 
 
 def default_home() -> Path:
-    """`$CLIPSEARCH_HOME` if set, else the per-user data dir (e.g. ~/.local/share/clipsearch)."""
-    env = os.environ.get("CLIPSEARCH_HOME")
-    return Path(env).expanduser() if env else Path(platformdirs.user_data_dir("clipsearch", appauthor=False))
+    """The per-user data dir (e.g. ~/.local/share/clipsearch)."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("clipsearch", appauthor=False))
 
 
 @dataclass(frozen=True)
 class AppConfig:
-    """Where things live and which model is used; shared by the CLI and the UI."""
+    """Where things live, which model is used and what the UI may touch; shared by the CLI, the UI and the API."""
 
-    home: Path = field(default_factory=default_home)  # app data dir: catalog, indexes, thumbnails
-    db_url: str | None = None  # SQLAlchemy URL; None means SQLite at home/catalog.db
-    model: str = DEFAULT_MODEL  # model spec ARCH:WEIGHTS, a config+weights folder, or "demo"
-    device: str | None = None  # "cuda", "mps", "cpu"; None picks the best available
+    home: Path = field(default_factory=default_home)  # app data dir: catalog, indexes, caches ($CLIPSEARCH_HOME)
+    db_url: str | None = None  # SQLAlchemy URL; None means SQLite at home/catalog.db ($CLIPSEARCH_DB)
+    model: str | None = None  # model spec; None: the library's last model, else DEFAULT_MODEL ($CLIPSEARCH_MODEL)
+    device: str | None = None  # "cuda", "mps", "cpu"; None picks the best available ($CLIPSEARCH_DEVICE)
+    model_cache: Path | None = None  # where downloaded weights live; None: the hub's default ($CLIPSEARCH_MODEL_CACHE)
+    roots: tuple[Path, ...] = ()  # folders the UI may index (nothing else); ($CLIPSEARCH_ROOTS, os.pathsep-separated)
+    max_upload_mb: float = 20.0  # largest upload the UI accepts ($CLIPSEARCH_MAX_UPLOAD_MB)
+    debug: bool = False  # show tracebacks of internal errors ($CLIPSEARCH_DEBUG=1)
 
     @property
     def resolved_db_url(self) -> str:
@@ -41,9 +48,45 @@ class AppConfig:
         return self.home / "indexes"
 
     @property
-    def thumb_dir(self) -> Path:
-        """Folder of cached JPEG thumbnails, keyed by photo id."""
-        return self.home / "thumbs"
+    def cache_dir(self) -> Path:
+        """Folder of derived, disposable files (thumbnails, label embeddings)."""
+        return self.home / "cache"
+
+    def as_env(self) -> dict[str, str]:
+        """The `CLIPSEARCH_*` variables that make `load_config` in a child process give this same config."""
+        env = {"CLIPSEARCH_HOME": str(self.home), "CLIPSEARCH_MAX_UPLOAD_MB": str(self.max_upload_mb)}
+        optional = {"CLIPSEARCH_DB": self.db_url, "CLIPSEARCH_MODEL": self.model, "CLIPSEARCH_DEVICE": self.device,
+                    "CLIPSEARCH_MODEL_CACHE": self.model_cache and str(self.model_cache),
+                    "CLIPSEARCH_ROOTS": os.pathsep.join(str(r) for r in self.roots) or None,
+                    "CLIPSEARCH_DEBUG": "1" if self.debug else None}
+        env.update({k: v for k, v in optional.items() if v})
+        return env
+
+
+def load_config(env: Mapping[str, str] | None = None, **flags: Any) -> AppConfig:
+    """The one place that turns environment + flags into an AppConfig. A flag given (not None) wins over its
+    variable; a variable wins over the default. Flags: home, db, model, device, model_cache, roots, max_upload_mb."""
+    env = os.environ if env is None else env
+
+    def pick(flag: str, var: str) -> Any:
+        value = flags.get(flag)
+        return value if value not in (None, "", ()) else (env.get(ENV_PREFIX + var) or None)
+
+    kw: dict[str, Any] = {"db_url": pick("db", "DB"), "model": pick("model", "MODEL"),
+                          "device": pick("device", "DEVICE"), "debug": env.get("CLIPSEARCH_DEBUG", "") not in ("", "0")}
+    home = pick("home", "HOME")
+    if home:
+        kw["home"] = Path(home).expanduser()
+    cache = pick("model_cache", "MODEL_CACHE")
+    kw["model_cache"] = Path(cache).expanduser() if cache else None
+    roots = pick("roots", "ROOTS")
+    if isinstance(roots, str):
+        roots = [r for r in roots.split(os.pathsep) if r]
+    kw["roots"] = tuple(Path(r).expanduser().resolve() for r in roots or ())
+    upload = pick("max_upload_mb", "MAX_UPLOAD_MB")
+    if upload is not None:
+        kw["max_upload_mb"] = float(upload)
+    return AppConfig(**kw)
 
 
 @dataclass(frozen=True)

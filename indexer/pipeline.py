@@ -21,15 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from .catalog import Catalog, KnownFile, PhotoRecord
-from .config import IndexOptions
-from .cores import usable_cores
-from .decode import STATUS_INDEXED, STATUS_REUSE, DecodeResult, decode_file
-from .encoder import Encoder
-from .errors import UsageError
-from .scan import SAMPLE_DIR_NAME, FoundFile, _is_within, scan
-from .store import VectorStore
-from .workers import decode_task, init_worker
+from clipsearch.indexer.config import IndexOptions
+from clipsearch.indexer.errors import UsageError
+from clipsearch.indexer.ingest.cores import usable_cores
+from clipsearch.indexer.ingest.decode import STATUS_INDEXED, STATUS_REUSE, DecodeResult, decode_file
+from clipsearch.indexer.ingest.scan import SAMPLE_DIR_NAME, FoundFile, _is_within, scan
+from clipsearch.indexer.ingest.workers import decode_task, init_worker
+from clipsearch.indexer.model.protocol import Encoder
+from clipsearch.indexer.storage.catalog import Catalog, KnownFile, PhotoRecord
+from clipsearch.indexer.storage.store import VectorStore
 
 log = logging.getLogger(__name__)
 

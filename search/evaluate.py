@@ -14,9 +14,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from indexer.datasets import image_folder_classes, load_caption_pairs
-from indexer.decode import decode_file
-from indexer.errors import UsageError
+from clipsearch.indexer.errors import UsageError
+from clipsearch.indexer.ingest.decode import decode_file
+from clipsearch.indexer.model.datasets import image_folder_classes, load_caption_pairs
 
 from .vocab import default_templates
 from .zeroshot import ensemble

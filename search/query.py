@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from indexer.errors import UsageError
+from clipsearch.indexer.errors import UsageError
 
 _WEIGHT = re.compile(r"^(\d+(?:\.\d+)?):(?=\S)(.*)$", re.S)
 _ID = re.compile(r"^(?:#|id:)(\d+)$")

@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from indexer.annotations import TagStore, TextCollections
-from indexer.catalog import Catalog, SpaceInfo
-from indexer.errors import BadImage, EmptyLibrary, PhotoNotFound, UsageError
-from indexer.filters import PhotoFilter, filter_ids
-from indexer.store import VectorStore
+from clipsearch.indexer.errors import BadImage, EmptyLibrary, PhotoNotFound, UsageError
+from clipsearch.indexer.storage.annotations import TagStore, TextCollections
+from clipsearch.indexer.storage.catalog import Catalog, SpaceInfo
+from clipsearch.indexer.storage.filters import PhotoFilter, filter_ids
+from clipsearch.indexer.storage.store import VectorStore
 
 from .query import Term, parse_query
 from .results import LabelScore, SearchHit, SearchPage
@@ -285,11 +285,9 @@ class SearchService:
         return export_tags(self, path, label_set)
 
 
-def build_service(config: Any, model: str | None = None) -> SearchService:
-    """Wire the real catalog, store and encoder for a config (the CLI and the UI both call this once)."""
-    from indexer.app import open_parts, resolve_model
-    from indexer.encoder import Encoder
+def build_service(config: Any) -> SearchService:
+    """Wire the real catalog, store and encoder for a config (the CLI, the UI and the API all call this)."""
+    from clipsearch.indexer.app import build_encoder, open_parts
 
     parts = open_parts(config)
-    encoder = Encoder(model or resolve_model(config, parts.catalog), config.device)
-    return SearchService(parts.catalog, parts.store, encoder, cache_dir=config.home / "cache")
+    return SearchService(parts.catalog, parts.store, build_encoder(config, parts.catalog), cache_dir=config.cache_dir)

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from indexer.cores import usable_cores
-from indexer.errors import UsageError
-from indexer.filters import PhotoFilter, filter_ids
+from clipsearch.indexer.errors import UsageError
+from clipsearch.indexer.ingest.cores import usable_cores
+from clipsearch.indexer.storage.filters import PhotoFilter, filter_ids
 
 from .results import Classification, LabelScore, TagPreview
 from .zeroshot import load_templates, multi_label_probs, parse_labels, single_label_probs, thresholds

@@ -9,9 +9,9 @@ import io
 import os
 from pathlib import Path
 
-from indexer.catalog import Catalog
-from indexer.decode import load_display_image
-from indexer.errors import BadImage, PhotoNotFound
+from clipsearch.indexer.errors import BadImage, PhotoNotFound
+from clipsearch.indexer.ingest.decode import load_display_image
+from clipsearch.indexer.storage.catalog import Catalog
 
 
 def thumbnail(catalog: Catalog, cache_dir: Path, photo_id: int, size: int = 320) -> bytes:

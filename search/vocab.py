@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from indexer.encoder import imagenet_classnames, imagenet_templates
-from indexer.errors import UsageError
+from clipsearch.indexer.errors import UsageError
+from clipsearch.indexer.model.torch_encoder import imagenet_classnames, imagenet_templates
 
 VOCABULARIES = ("imagenet",)
 _SIMPLE = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",

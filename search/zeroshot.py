@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from indexer.errors import UsageError
+from clipsearch.indexer.errors import UsageError
 
 NEUTRAL_LABEL = "object"  # the "none of these" reference a multi-label probability is measured against
 

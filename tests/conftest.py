@@ -23,9 +23,9 @@ TINY2 = f"{DATA / 'tiny-vit-b.json'}:none"  # a second space: 24-d
 @pytest.fixture(scope="session")
 def tiny_encoder():
     """The tiny untrained encoder, loaded once (read-only, so sharing is safe)."""
-    from indexer.encoder import Encoder
+    from clipsearch.indexer.model.factory import create_encoder
 
-    return Encoder(TINY, "cpu")
+    return create_encoder(TINY, "cpu")
 
 
 def make_photo(path: Path, seed: int, size: tuple[int, int] = (96, 72), fmt: str | None = None, **save) -> Path:
@@ -55,16 +55,16 @@ def library(tmp_path: Path) -> Path:
 @pytest.fixture()
 def app_config(tmp_path: Path):
     """AppConfig with a fresh home and the tiny model."""
-    from indexer.config import AppConfig
+    from clipsearch.indexer.config import AppConfig
 
     return AppConfig(home=tmp_path / "home", model=TINY, device="cpu")
 
 
 def make_indexer(config, encoder, **opts):
     """An Indexer over real parts with a shared encoder (no model reload per test)."""
-    from indexer.app import open_parts
-    from indexer.config import IndexOptions
-    from indexer.pipeline import Indexer
+    from clipsearch.indexer.app import open_parts
+    from clipsearch.indexer.config import IndexOptions
+    from clipsearch.indexer.pipeline import Indexer
 
     parts = open_parts(config)
     return Indexer(parts.catalog, parts.store, encoder, config.home, IndexOptions(**{"workers": 1, **opts}))

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.catalog import Catalog, PhotoRecord
-from indexer.decode import PreprocessSpec
-from indexer.encoder import EmbeddingSpace
-from indexer.errors import BadImage
-from indexer.store import VectorStore
+from clipsearch.indexer.errors import BadImage
+from clipsearch.indexer.ingest.decode import PreprocessSpec
+from clipsearch.indexer.model.torch_encoder import EmbeddingSpace
+from clipsearch.indexer.storage.catalog import Catalog, PhotoRecord
+from clipsearch.indexer.storage.store import VectorStore
 
 DIM = 64
 STOP = {"a", "an", "the", "of", "photo", "on", "in", "this", "is"}

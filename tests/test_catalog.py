@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from sqlalchemy.exc import IntegrityError
 
-from indexer.catalog import Catalog, PhotoRecord
-from indexer.errors import CatalogError
-from indexer.schema import SCHEMA_VERSION
+from clipsearch.indexer.errors import CatalogError
+from clipsearch.indexer.storage.catalog import Catalog, PhotoRecord
+from clipsearch.indexer.storage.schema import SCHEMA_VERSION
 
 from .conftest import make_indexer
 
@@ -44,7 +44,7 @@ def test_batch_write_spaces_generations_and_removal(catalog_url: str) -> None:
 def test_schema_version_is_recorded_and_newer_catalogs_are_refused(catalog_url: str) -> None:
     from sqlalchemy import update
 
-    from indexer.schema import meta
+    from clipsearch.indexer.storage.schema import meta
 
     cat = Catalog(catalog_url)
     assert cat.get_meta("schema_version") == str(SCHEMA_VERSION)
@@ -62,9 +62,9 @@ def test_a_v1_catalog_migrates_with_its_tags(catalog_url: str, killed_midway: bo
     aside and dropping the table (SQLite runs that DDL outside the transaction)."""
     from sqlalchemy import insert, update
 
-    from indexer.annotations import TagStore
-    from indexer.filters import PhotoFilter, filter_ids
-    from indexer.schema import TAGS_V1, meta, tag_labels, tags
+    from clipsearch.indexer.storage.annotations import TagStore
+    from clipsearch.indexer.storage.filters import PhotoFilter, filter_ids
+    from clipsearch.indexer.storage.schema import TAGS_V1, meta, tag_labels, tags
 
     cat = Catalog(catalog_url)
     sid = cat.ensure_space("k", "test", "test", 4)
@@ -99,7 +99,7 @@ def test_a_v1_catalog_migrates_with_its_tags(catalog_url: str, killed_midway: bo
 
 
 def test_full_pipeline_on_each_backend(catalog_url, library, tmp_path, tiny_encoder) -> None:
-    from indexer.config import AppConfig
+    from clipsearch.indexer.config import AppConfig
 
     cfg = AppConfig(home=tmp_path / "home", db_url=catalog_url, model="x", device="cpu")
     ix = make_indexer(cfg, tiny_encoder)
@@ -127,7 +127,7 @@ def test_a_catalog_left_half_created_by_a_killed_run_opens(tmp_path) -> None:
 
 def test_tag_bulk_write_on_every_backend(catalog_url: str) -> None:
     """The tag writer goes through the driver's executemany (its own placeholder style): SQLite and PostgreSQL."""
-    from indexer.annotations import TagStore
+    from clipsearch.indexer.storage.annotations import TagStore
 
     cat = Catalog(catalog_url)
     sid = cat.ensure_space("k", "test", "test", 4)
@@ -144,7 +144,7 @@ def test_tag_bulk_write_on_every_backend(catalog_url: str) -> None:
 def test_tag_writer_replaces_a_set_whole_or_keeps_the_previous_one(catalog_url: str) -> None:
     """Streamed chunks land in one transaction; a failure on either side (the scoring caller or the database)
     leaves the previous run of the label set as it was."""
-    from indexer.annotations import TagStore
+    from clipsearch.indexer.storage.annotations import TagStore
 
     cat = Catalog(catalog_url)
     sid = cat.ensure_space("k", "test", "test", 4)
@@ -175,8 +175,8 @@ def test_a_catalog_without_its_version_row_opens_as_the_version_its_tables_show(
     to migrate a v1 catalog."""
     from sqlalchemy import delete, insert
 
-    from indexer.annotations import TagStore
-    from indexer.schema import TAGS_V1, meta, tag_labels, tags
+    from clipsearch.indexer.storage.annotations import TagStore
+    from clipsearch.indexer.storage.schema import TAGS_V1, meta, tag_labels, tags
 
     cat = Catalog(catalog_url)
     sid = cat.ensure_space("k", "test", "test", 4)

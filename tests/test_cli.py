@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 def run(*args: str, home) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "ui.cli", *args, "--home", str(home)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "clipsearch", *args, "--home", str(home)], capture_output=True,
                           text=True, env=env, timeout=300)
 
 
@@ -59,7 +59,7 @@ def test_demo_indexes_the_sample_library_and_serves_the_ui(tmp_path) -> None:
 
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "ui.cli", "demo", "--count", "24", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "clipsearch", "demo", "--count", "24", "--port", str(port),
                              "--home", str(tmp_path / "home")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env, start_new_session=True)
     try:

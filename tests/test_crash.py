@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from indexer.catalog import Catalog
-from indexer.store import VectorStore
+from clipsearch.indexer.storage.catalog import Catalog
+from clipsearch.indexer.storage.store import VectorStore
 
 from .conftest import TINY, make_photo
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 
 def _index_cmd(root, home) -> list[str]:
-    return [sys.executable, "-m", "ui.cli", "index", str(root), "--home", str(home), "--model", TINY,
+    return [sys.executable, "-m", "clipsearch", "index", str(root), "--home", str(home), "--model", TINY,
             "--batch-size", "4", "--workers", "1", "--no-progress", "--json"]
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer import decode
-from indexer.decode import PreprocessSpec, decode_bytes, decode_file, preprocess, sniff_format
+from clipsearch.indexer.ingest import decode
+from clipsearch.indexer.ingest.decode import PreprocessSpec, decode_bytes, decode_file, preprocess, sniff_format
 
 SPEC = PreprocessSpec(size=32)
 

@@ -30,13 +30,13 @@ def _free_port() -> int:
 def server(tmp_path_factory):
     if CHROMIUM is None:
         pytest.fail("chromium is not installed (scripts/system-deps.sh installs it)")
-    from indexer.sample import make_sample
+    from clipsearch.indexer.model.sample import make_sample
 
     base = tmp_path_factory.mktemp("e2e")
     lib, home = base / "photos", base / "home"
     rows = make_sample(lib, 90, seed=99)
     env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
-    cli = [sys.executable, "-m", "ui.cli"]
+    cli = [sys.executable, "-m", "clipsearch"]
     subprocess.run(cli + ["index", str(lib), "--home", str(home), "--model", "demo", "--no-progress"], check=True,
                    env=env, capture_output=True, timeout=600)
     port = _free_port()

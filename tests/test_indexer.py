@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.cores import usable_cores
-from indexer.errors import IndexUnavailable, UsageError
-from indexer.store import StoreOptions, VectorStore
+from clipsearch.indexer.errors import IndexUnavailable, UsageError
+from clipsearch.indexer.ingest.cores import usable_cores
+from clipsearch.indexer.storage.store import StoreOptions, VectorStore
 
 from .conftest import TINY2, make_indexer, make_photo
 
@@ -123,12 +123,12 @@ def test_most_files_vanishing_is_not_purged_without_force(library, app_config, t
 
 
 def test_model_change_creates_second_space_and_keeps_old_vectors(library, app_config, tiny_encoder) -> None:
-    from indexer.encoder import Encoder
+    from clipsearch.indexer.model.factory import create_encoder
 
     ix = make_indexer(app_config, tiny_encoder)
     ix.run([library])
     old = {s.key: s.count for s in ix.catalog.spaces()}
-    report = make_indexer(app_config, Encoder(TINY2, "cpu")).run([library])
+    report = make_indexer(app_config, create_encoder(TINY2, "cpu")).run([library])
     assert report.indexed == 8
     spaces = {s.key: s for s in ix.catalog.spaces()}
     assert len(spaces) == 2
@@ -138,7 +138,7 @@ def test_model_change_creates_second_space_and_keeps_old_vectors(library, app_co
 
 
 def test_home_dir_and_symlink_loops_are_safe(tmp_path, tiny_encoder) -> None:
-    from indexer.config import AppConfig
+    from clipsearch.indexer.config import AppConfig
 
     root = tmp_path / "lib"
     make_photo(root / "x.jpg", 1)
@@ -182,7 +182,7 @@ def test_damaged_or_stale_index_is_rebuilt_never_served(library, app_config, tin
 
 
 def test_inline_decoding_matches_worker_decoding(library, tmp_path, tiny_encoder) -> None:
-    from indexer.config import AppConfig
+    from clipsearch.indexer.config import AppConfig
 
     a = make_indexer(AppConfig(home=tmp_path / "h0", model="x"), tiny_encoder, workers=0)
     b = make_indexer(AppConfig(home=tmp_path / "h2", model="x"), tiny_encoder, workers=2)
@@ -206,7 +206,7 @@ class _ReportsDevice:
 def test_decode_workers_follow_the_cpu_set_not_the_host_count(tmp_path, tiny_encoder) -> None:
     """In a container limited to one CPU (here: this thread pinned to one), one decode process, not one per host
     core pre-empting the model."""
-    from indexer.config import AppConfig
+    from clipsearch.indexer.config import AppConfig
 
     ix = make_indexer(AppConfig(home=tmp_path / "h", model="x"), tiny_encoder, workers=None)
     before = os.sched_getaffinity(0)
@@ -221,7 +221,7 @@ def test_decode_workers_follow_the_cpu_set_not_the_host_count(tmp_path, tiny_enc
 @pytest.mark.parametrize("device", ["cpu", "cuda:0"])
 def test_alternating_and_overlapping_schedules_index_the_same(library, tmp_path, tiny_encoder, device) -> None:
     """CPU-only: decode and embed phases alternate on all cores; with an accelerator they overlap. Same result."""
-    from indexer.config import AppConfig
+    from clipsearch.indexer.config import AppConfig
 
     ref = make_indexer(AppConfig(home=tmp_path / "ref", model="x"), tiny_encoder, workers=0)
     ix = make_indexer(AppConfig(home=tmp_path / device, model="x"), _ReportsDevice(tiny_encoder, device),

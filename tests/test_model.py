@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.datasets import image_folder_classes, load_caption_pairs
-from indexer.sample import SHAPES, make_sample
-from search.evaluate import _recall, _search, build_retrieval_set, evaluate
+from clipsearch.indexer.model.datasets import image_folder_classes, load_caption_pairs
+from clipsearch.indexer.model.factory import create_encoder
+from clipsearch.indexer.model.sample import SHAPES, make_sample
+from clipsearch.search.evaluate import _recall, _search, build_retrieval_set, evaluate
 
 from .conftest import DATA, TINY
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO_CFG = ROOT / "indexer" / "models" / "clipsearch-demo.json"
+DEMO_CFG = ROOT / "indexer" / "model" / "clipsearch-demo.json"
 # Quality of the bundled model on a fresh held-out set (300 images, seed 4242), measured: t->i R@1/R@5 1.000/1.000,
 # i->t 0.990/1.000, zero-shot top-1 0.990, top-5 1.000 (bench/RESULTS.md). The floors are the issue's bar.
 DEMO_FLOOR = {"t2i_r5": 0.90, "i2t_r5": 0.90, "zs_top1": 0.95, "zs_top5": 0.99}
@@ -67,8 +68,7 @@ def test_recall_matches_a_hand_computation() -> None:
 
 @pytest.mark.integration
 def test_training_loss_falls_checkpoint_round_trips_and_resumes(tmp_path) -> None:
-    from indexer.encoder import Encoder
-    from indexer.training import TrainConfig, train
+    from clipsearch.indexer.model.training import TrainConfig, train
 
     make_sample(tmp_path / "d", 64, seed=5)
     cfg = TrainConfig(data=tmp_path / "d", out=tmp_path / "m", model=TINY, epochs=4, batch_size=16, lr=3e-3,
@@ -77,7 +77,7 @@ def test_training_loss_falls_checkpoint_round_trips_and_resumes(tmp_path) -> Non
     losses = [e["train_loss"] for e in report.epochs]
     assert losses[-1] < losses[0]
     assert (tmp_path / "m/open_clip_model.safetensors").is_file()
-    a, b = Encoder(str(tmp_path / "m"), "cpu"), Encoder(str(tmp_path / "m"), "cpu")
+    a, b = create_encoder(str(tmp_path / "m"), "cpu"), create_encoder(str(tmp_path / "m"), "cpu")
     assert np.array_equal(a.encode_texts(["a red circle"]), b.encode_texts(["a red circle"]))
     assert a.space == b.space and a.space.dim == 32
     from dataclasses import replace
@@ -88,22 +88,21 @@ def test_training_loss_falls_checkpoint_round_trips_and_resumes(tmp_path) -> Non
 
 @pytest.mark.integration
 def test_saved_model_reproduces_the_in_memory_embeddings(tmp_path) -> None:
-    from indexer.encoder import Encoder
-    from indexer.training import save_model
+    from clipsearch.indexer.model.training import save_model
 
-    src = Encoder(TINY, "cpu")
+    src = create_encoder(TINY, "cpu")
     cfg = json.loads((DATA / "tiny-vit.json").read_text())
     import open_clip
 
     save_model(src.model, cfg, dict(open_clip.get_model_preprocess_cfg(src.model)), tmp_path / "m", half=False)
-    dst = Encoder(str(tmp_path / "m"), "cpu")
+    dst = create_encoder(str(tmp_path / "m"), "cpu")
     pix = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
     assert np.allclose(src.encode_pixels(pix), dst.encode_pixels(pix), atol=1e-6)
     assert np.allclose(src.encode_texts(["x y"]), dst.encode_texts(["x y"]), atol=1e-6)
 
 
 def test_bundled_demo_model_is_what_the_documented_command_makes() -> None:
-    folder = ROOT / "indexer" / "models" / "demo"
+    folder = ROOT / "indexer" / "model" / "demo"
     weights = folder / "open_clip_model.safetensors"
     assert weights.stat().st_size <= 20 * 1024 * 1024
     bundled = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
@@ -116,10 +115,9 @@ def test_bundled_demo_model_is_what_the_documented_command_makes() -> None:
 
 @pytest.mark.integration
 def test_demo_model_quality_on_fresh_held_out_data(tmp_path) -> None:
-    from indexer.encoder import Encoder
 
     make_sample(tmp_path / "h", 300, seed=4242)
-    res = evaluate(tmp_path / "h", Encoder("demo", "cpu"))
+    res = evaluate(tmp_path / "h", create_encoder("demo", "cpu"))
     assert res["text_to_image"]["R@5"] >= DEMO_FLOOR["t2i_r5"], res
     assert res["image_to_text"]["R@5"] >= DEMO_FLOOR["i2t_r5"], res
     assert res["zero_shot"]["top1"] >= DEMO_FLOOR["zs_top1"], res
@@ -128,16 +126,15 @@ def test_demo_model_quality_on_fresh_held_out_data(tmp_path) -> None:
 
 @pytest.mark.integration
 def test_demo_model_finds_by_meaning(tmp_path) -> None:
-    from indexer.encoder import Encoder
-    from search.service import SearchService
+    from clipsearch.search.service import SearchService
 
     from .conftest import make_indexer
 
     rows = make_sample(tmp_path / "lib", 120, seed=21)
-    from indexer.config import AppConfig
+    from clipsearch.indexer.config import AppConfig
 
     cfg = AppConfig(home=tmp_path / "home", model="demo")
-    enc = Encoder("demo", "cpu")
+    enc = create_encoder("demo", "cpu")
     ix = make_indexer(cfg, enc)
     ix.run([tmp_path / "lib"])
     svc = SearchService(ix.catalog, ix.store, enc)
@@ -155,15 +152,14 @@ def test_demo_model_finds_by_meaning(tmp_path) -> None:
 @pytest.mark.slow
 def test_retraining_from_scratch_reaches_the_bundled_floor(tmp_path) -> None:
     """The documented recipe (Makefile demo-model: same data, epochs and options) reaches the issue's bar again."""
-    from indexer.encoder import Encoder
-    from indexer.training import TrainConfig, train
+    from clipsearch.indexer.model.training import TrainConfig, train
 
     make_sample(tmp_path / "train", 20000, seed=1)
     train(TrainConfig(data=tmp_path / "train", out=tmp_path / "m", captions="captions_augmented.txt",
                       model=f"{DEMO_CFG}:none", epochs=10, batch_size=64, lr=2e-3, resize_mode="squash",
                       hard_batches=0.75, hard_word=3, augment="dihedral", save_half=True))
     make_sample(tmp_path / "h", 300, seed=4242)
-    res = evaluate(tmp_path / "h", Encoder(str(tmp_path / "m"), "cpu"))
+    res = evaluate(tmp_path / "h", create_encoder(str(tmp_path / "m"), "cpu"))
     assert res["text_to_image"]["R@5"] >= RETRAIN_FLOOR["t2i_r5"], res
     assert res["image_to_text"]["R@5"] >= RETRAIN_FLOOR["i2t_r5"], res
     assert res["zero_shot"]["top1"] >= RETRAIN_FLOOR["zs_top1"], res
@@ -175,9 +171,8 @@ def test_cuda_encoder_matches_cpu() -> None:
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    from indexer.encoder import Encoder
 
-    cpu, gpu = Encoder("demo", "cpu"), Encoder("demo", "cuda")
+    cpu, gpu = create_encoder("demo", "cpu"), create_encoder("demo", "cuda")
     pix = np.random.default_rng(0).integers(0, 255, (8, 64, 64, 3), dtype=np.uint8)
     assert gpu.device == "cuda"
     assert (cpu.encode_pixels(pix) * gpu.encode_pixels(pix)).sum(1).min() > 0.99  # bf16/fp16 autocast
@@ -190,13 +185,13 @@ def test_text_encoding_shortcuts_equal_the_full_context(tmp_path, monkeypatch, c
     batch (a prompt template) once per batch; the vectors must be those of the full 77-token run."""
     import torch
 
-    from indexer.encoder import Encoder, _causal_text_tower, _CausalTextTower
+    from clipsearch.indexer.model.torch_encoder import _causal_text_tower, _CausalTextTower
 
     cfg = json.loads((DATA / "tiny-vit.json").read_text())
     cfg["custom_text"] = custom_text  # CustomTextCLIP keeps the tower in model.text
     path = tmp_path / f"tiny-text-{int(custom_text)}.json"
     path.write_text(json.dumps(cfg))
-    enc = Encoder(f"{path}:none", "cpu")
+    enc = create_encoder(f"{path}:none", "cpu")
     assert _causal_text_tower(enc.model) is not None
     shared_runs = []
     real = _CausalTextTower._run_after_prefix
@@ -221,7 +216,7 @@ def test_hard_batches_hold_sets_that_differ_in_one_word_only() -> None:
     whose first caption differs from its own in the chosen word only."""
     import random
 
-    from indexer.training import _epoch_batches
+    from clipsearch.indexer.model.training import _epoch_batches
 
     pairs = {Path(f"{i}.png"): [f"a {size} {colour} {shape} on {bg}"]
              for i, (size, colour, shape, bg) in enumerate(
@@ -241,8 +236,8 @@ def test_dihedral_augmentation_only_mirrors_and_turns() -> None:
 
     import torch
 
-    from indexer.errors import UsageError
-    from indexer.training import _augment
+    from clipsearch.indexer.errors import UsageError
+    from clipsearch.indexer.model.training import _augment
 
     x = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (64, 8, 8, 3), dtype=np.uint8))
     out = _augment(x, "dihedral", random.Random(0))

@@ -85,9 +85,9 @@ def test_thumbnails_are_upright_cached_and_by_id_only(tmp_path, tiny_encoder) ->
 
     from PIL import Image
 
-    from indexer.config import AppConfig
-    from indexer.errors import PhotoNotFound
-    from search.service import SearchService
+    from clipsearch.indexer.config import AppConfig
+    from clipsearch.indexer.errors import PhotoNotFound
+    from clipsearch.search.service import SearchService
 
     from .conftest import make_indexer, make_photo
 
@@ -112,8 +112,8 @@ def test_thumbnails_are_upright_cached_and_by_id_only(tmp_path, tiny_encoder) ->
 def test_store_streams_the_catalogs_vectors_for_flat_and_ivf(tmp_path, exact_max) -> None:
     """Tagging reads vectors from the index (memory-mapped from disk); they must be exactly the catalog's, for both
     index types, and the written file must load as it is (no silent rebuild)."""
-    from indexer.catalog import Catalog, PhotoRecord
-    from indexer.store import StoreOptions, VectorStore
+    from clipsearch.indexer.storage.catalog import Catalog, PhotoRecord
+    from clipsearch.indexer.storage.store import StoreOptions, VectorStore
 
     cat = Catalog(f"sqlite:///{tmp_path / 'c.db'}")
     sid = cat.ensure_space("k", "test", "test", 16)

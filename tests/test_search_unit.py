@@ -10,9 +10,9 @@ from datetime import datetime
 import numpy as np
 import pytest
 
-from indexer.errors import BadImage, EmptyLibrary, PhotoNotFound, UsageError
-from indexer.filters import PhotoFilter
-from search.service import SearchService
+from clipsearch.indexer.errors import BadImage, EmptyLibrary, PhotoNotFound, UsageError
+from clipsearch.indexer.storage.filters import PhotoFilter
+from clipsearch.search.service import SearchService
 
 from .fakes import FakeEncoder, populate
 
@@ -142,8 +142,8 @@ def test_empty_library_and_bad_arguments(tmp_path) -> None:
 
 def test_tag_probabilities_match_the_reference_softmax_and_sigmoid() -> None:
     """The chunked tagging math (no probability matrix) gives exactly what the textbook formulas give."""
-    from search.tagging import passing_labels
-    from search.zeroshot import multi_label_probs, single_label_probs
+    from clipsearch.search.tagging import passing_labels
+    from clipsearch.search.zeroshot import multi_label_probs, single_label_probs
 
     rng = np.random.default_rng(3)
     vecs = rng.normal(size=(500, 32)).astype(np.float32)
@@ -175,7 +175,7 @@ def test_tag_scoring_on_a_thread_per_core_matches_one_pass(multi: bool) -> None:
     serial pass, in the same order, across block boundaries (10,000 rows: three blocks)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from search.tagging import _BLOCK, _score_blocks, passing_labels
+    from clipsearch.search.tagging import _BLOCK, _score_blocks, passing_labels
 
     rng = np.random.default_rng(5)
     vecs = rng.normal(size=(10_000, 32)).astype(np.float32)

@@ -16,7 +16,7 @@ PAGES = Path(__file__).resolve().parent.parent / "ui" / "pages"
 
 @pytest.fixture(scope="module")
 def ui_home(tmp_path_factory, tiny_encoder):
-    from indexer.config import AppConfig
+    from clipsearch.indexer.config import AppConfig
 
     base = tmp_path_factory.mktemp("ui")
     lib = base / "photos"

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import streamlit as st
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `streamlit run` does not put the repo on the path
 
 st.set_page_config(page_title="clipsearch", page_icon="🔎", layout="wide")
 pages = Path(__file__).parent / "pages"

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `clipsearch` console script."""
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    from indexer.errors import ClipsearchError
+    from clipsearch.indexer.errors import ClipsearchError
 
     from . import commands
 

@@ -11,17 +11,14 @@ import sys
 from datetime import datetime
 from typing import Any
 
-from indexer.config import DEFAULT_MODEL, AppConfig, IndexOptions
-from indexer.errors import UsageError
+from clipsearch.indexer.config import AppConfig, IndexOptions, load_config
+from clipsearch.indexer.errors import UsageError
 
 
 def config_from(args: argparse.Namespace) -> AppConfig:
-    """AppConfig from the common flags (home, db, model, device)."""
-    kw: dict[str, Any] = {"model": getattr(args, "model", None) or DEFAULT_MODEL,
-                          "device": getattr(args, "device", None), "db_url": getattr(args, "db", None)}
-    if getattr(args, "home", None):
-        kw["home"] = args.home.expanduser()
-    return AppConfig(**kw)
+    """AppConfig from the environment and the common flags (home, db, model, device)."""
+    return load_config(home=getattr(args, "home", None), db=getattr(args, "db", None),
+                       model=getattr(args, "model", None), device=getattr(args, "device", None))
 
 
 def _out(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -39,7 +36,7 @@ def _date(value: str | None, flag: str) -> datetime | None:
 
 def filters_from(args: argparse.Namespace):  # -> PhotoFilter
     """PhotoFilter from --folder/--after/--before/--tag/--format."""
-    from indexer.filters import PhotoFilter
+    from clipsearch.indexer.storage.filters import PhotoFilter
 
     return PhotoFilter(folder=args.folder, after=_date(args.after, "--after"), before=_date(args.before, "--before"),
                        tags=tuple(args.tag), formats=tuple(args.formats))
@@ -47,14 +44,14 @@ def filters_from(args: argparse.Namespace):  # -> PhotoFilter
 
 def _ref(value: str) -> int | str:
     """A photo id (all digits, not an existing file) or an image path."""
-    from search.service import image_ref
+    from clipsearch.search.service import image_ref
 
     return image_ref(value)  # type: ignore[return-value]
 
 
 def cmd_index(args: argparse.Namespace) -> int:
     """Index folders and print the run summary."""
-    from indexer.app import build_indexer
+    from clipsearch.indexer.app import build_indexer
 
     opts = IndexOptions(batch_size=args.batch_size, force=args.force, max_pixels=args.max_pixels,
                         follow_symlinks=args.follow_symlinks, progress=not (args.no_progress or args.json))
@@ -92,7 +89,7 @@ def _progress_writer(path: Any) -> Any:
 
 def status_data(config: AppConfig) -> dict[str, Any]:
     """Everything `status` reports (shared with the UI's Library page)."""
-    from indexer.app import open_parts
+    from clipsearch.indexer.app import open_parts
 
     parts = open_parts(config)
     counts = parts.catalog.counts_by_status()
@@ -123,7 +120,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_reindex(args: argparse.Namespace) -> int:
     """Rebuild every space's vector index from the catalog."""
-    from indexer.app import open_parts
+    from clipsearch.indexer.app import open_parts
 
     parts = open_parts(config_from(args))
     done = []
@@ -135,9 +132,9 @@ def cmd_reindex(args: argparse.Namespace) -> int:
 
 
 def _service(args: argparse.Namespace):  # -> SearchService
-    from search import build_service
+    from clipsearch.search import build_service
 
-    return build_service(config_from(args), getattr(args, "model", None))
+    return build_service(config_from(args))
 
 
 def _print_page(args: argparse.Namespace, page: Any) -> None:

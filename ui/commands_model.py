@@ -59,7 +59,7 @@ def _ui_address(p: argparse.ArgumentParser) -> None:
 
 def cmd_make_sample(args: argparse.Namespace) -> int:
     """Write a sample library."""
-    from indexer.sample import make_sample
+    from clipsearch.indexer.model.sample import make_sample
 
     from .commands import _out
 
@@ -70,7 +70,7 @@ def cmd_make_sample(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train and print per-epoch figures."""
-    from indexer.training import TrainConfig, train
+    from clipsearch.indexer.model.training import TrainConfig, train
 
     cfg = TrainConfig(data=args.data, out=args.out, captions=args.captions, model=args.model or "ViT-B-32:none",
                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
@@ -89,13 +89,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a model on a folder."""
-    from indexer.encoder import Encoder
-    from search.evaluate import evaluate
-    from search.zeroshot import load_templates
+    from clipsearch.indexer.model.factory import create_encoder
+    from clipsearch.search.evaluate import evaluate
+    from clipsearch.search.zeroshot import load_templates
 
     from .commands import _out
 
-    encoder = Encoder(args.model or "demo", args.device)
+    encoder = create_encoder(args.model or "demo", args.device)
     templates = load_templates(args.templates, []) if args.templates else None
     res = evaluate(args.dir, encoder, args.captions, templates)
     lines = []
@@ -114,27 +114,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     """Run `streamlit run ui/app.py` bound to --host/--port with this home/db."""
-    env = {**os.environ}
-    if args.home:
-        env["CLIPSEARCH_HOME"] = str(args.home.expanduser())
-    if args.db:
-        env["CLIPSEARCH_DB"] = args.db
-    if args.model:
-        env["CLIPSEARCH_MODEL"] = args.model
+    from .commands import config_from
+
+    config = config_from(args)
+    env = {**os.environ, **config.as_env()}
     app = Path(__file__).parent / "app.py"
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
            "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-           "--server.maxUploadSize", os.environ.get("CLIPSEARCH_MAX_UPLOAD_MB", "20")]
+           "--server.maxUploadSize", str(max(1, round(config.max_upload_mb)))]
     print(f"clipsearch UI on http://{args.host}:{args.port}", flush=True)
     return subprocess.call(cmd, env=env)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The README's first command: sample library → index with the demo model → UI."""
-    from indexer.app import build_indexer
-    from indexer.config import IndexOptions
-    from indexer.sample import make_sample
-    from indexer.scan import SAMPLE_DIR_NAME
+    from clipsearch.indexer.app import build_indexer
+    from clipsearch.indexer.config import IndexOptions
+    from clipsearch.indexer.ingest.scan import SAMPLE_DIR_NAME
+    from clipsearch.indexer.model.sample import make_sample
 
     from .commands import config_from
 

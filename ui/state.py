@@ -3,41 +3,30 @@ pages. Per-user state (query, offset, selections) lives in `st.session_state`.""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import streamlit as st
 
-MAX_UPLOAD_BYTES = int(float(os.environ.get("CLIPSEARCH_MAX_UPLOAD_MB", "20")) * 1024 * 1024)
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "gif", "tif", "tiff", "bmp", "heic", "heif", "avif"]
 
 
 @st.cache_resource(show_spinner="Loading the model…")
-def _service(home: str | None, db: str | None, model: str | None) -> Any:
-    from indexer.config import AppConfig
-    from search import build_service
+def _service(cfg: Any) -> Any:
+    from clipsearch.search import build_service
 
-    kw: dict[str, Any] = {"db_url": db}
-    if home:
-        kw["home"] = Path(home)
-    return build_service(AppConfig(**kw), model)
+    return build_service(cfg)
+
+
+def config() -> Any:
+    """AppConfig of this UI process, from the environment `clipsearch ui` set (load_config, as everywhere)."""
+    from clipsearch.indexer.config import load_config
+
+    return load_config()
 
 
 def service() -> Any:
     """The process-wide SearchService for the configured home/catalog/model."""
-    return _service(os.environ.get("CLIPSEARCH_HOME"), os.environ.get("CLIPSEARCH_DB"),
-                    os.environ.get("CLIPSEARCH_MODEL"))
-
-
-def config() -> Any:
-    """AppConfig of this UI process (for services that need no model, e.g. status)."""
-    from indexer.config import AppConfig
-
-    kw: dict[str, Any] = {"db_url": os.environ.get("CLIPSEARCH_DB")}
-    if os.environ.get("CLIPSEARCH_HOME"):
-        kw["home"] = Path(os.environ["CLIPSEARCH_HOME"])
-    return AppConfig(**kw)
+    return _service(config())
 
 
 def upload_bytes(upload: Any) -> bytes | None:
@@ -45,15 +34,16 @@ def upload_bytes(upload: Any) -> bytes | None:
     if upload is None:
         return None
     data = upload.getvalue()
-    if len(data) > MAX_UPLOAD_BYTES:
-        st.error(f"That file is {len(data) / 1e6:.1f} MB; the limit is {MAX_UPLOAD_BYTES / 1e6:.0f} MB.")
+    limit = config().max_upload_mb * 1024 * 1024
+    if len(data) > limit:
+        st.error(f"That file is {len(data) / 1e6:.1f} MB; the limit is {limit / 1e6:.0f} MB.")
         return None
     return data
 
 
 def show_error(e: Exception) -> None:
     """A readable message on the page instead of a traceback."""
-    from indexer.errors import ClipsearchError
+    from clipsearch.indexer.errors import ClipsearchError
 
     if isinstance(e, ClipsearchError):
         st.error(str(e))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from ui.state import UPLOAD_TYPES, service, show_error, upload_bytes
-from ui.widgets import result_grid
+from clipsearch.ui.state import UPLOAD_TYPES, service, show_error, upload_bytes
+from clipsearch.ui.widgets import result_grid
 
 st.title("Image")
 try:

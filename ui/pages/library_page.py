@@ -7,17 +7,16 @@ progress file it writes. The search service notices the new index generation on 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import streamlit as st
 
-from ui.state import config, show_error
+from clipsearch.ui.state import config, show_error
 
 st.title("Library")
 try:
-    from ui.commands import status_data
+    from clipsearch.ui.commands import status_data
 
     cfg = config()
     data = status_data(cfg)
@@ -35,10 +34,10 @@ try:
     folder = st.text_input("Folder on this machine", key="lib_folder")
     progress_file = cfg.home / "index-progress.json"
     if st.button("Index", key="lib_index") and folder:
-        cmd = [sys.executable, "-m", "ui.cli", "index", folder, "--home", str(cfg.home), "--no-progress",
+        cmd = [sys.executable, "-m", "clipsearch", "index", folder, "--home", str(cfg.home), "--no-progress",
                "--progress-file", str(progress_file)]
-        if os.environ.get("CLIPSEARCH_MODEL"):
-            cmd += ["--model", os.environ["CLIPSEARCH_MODEL"]]
+        if cfg.model:
+            cmd += ["--model", cfg.model]
         if cfg.db_url:
             cmd += ["--db", cfg.db_url]
         progress_file.unlink(missing_ok=True)

@@ -6,8 +6,8 @@ from datetime import datetime, time
 
 import streamlit as st
 
-from ui.state import service, show_error
-from ui.widgets import describe_panel, result_grid
+from clipsearch.ui.state import service, show_error
+from clipsearch.ui.widgets import describe_panel, result_grid
 
 st.title("Search")
 try:
@@ -28,7 +28,7 @@ try:
         st.session_state["offset"], st.session_state["last_query"] = 0, query
         st.session_state.pop("similar_to", None)
 
-    from indexer.filters import PhotoFilter
+    from clipsearch.indexer.storage.filters import PhotoFilter
 
     flt = PhotoFilter(folder=folder or None, after=datetime.combine(after, time()) if after else None,
                       before=datetime.combine(before, time.max) if before else None, tags=tuple(tags))

@@ -7,7 +7,7 @@ import tempfile
 
 import streamlit as st
 
-from ui.state import UPLOAD_TYPES, service, show_error, upload_bytes
+from clipsearch.ui.state import UPLOAD_TYPES, service, show_error, upload_bytes
 
 st.title("Zero-shot")
 try:
@@ -44,7 +44,7 @@ try:
         do_preview = preview.form_submit_button("Preview")
         do_apply = apply.form_submit_button("Apply")
     if do_preview or do_apply:
-        from indexer.filters import PhotoFilter
+        from clipsearch.indexer.storage.filters import PhotoFilter
 
         bar = st.progress(0.0, text="tagging…")
         result = svc.tag(t_labels, t_name, t_thr, t_multi, PhotoFilter(folder=t_folder or None),

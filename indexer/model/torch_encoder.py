@@ -1,4 +1,4 @@
-"""The CLIP encoder: the one module (with training.py) that imports torch and open_clip.
+"""The torch backend of the Encoder Protocol: the one module (with training.py) that imports torch and open_clip.
 
 A model spec is one of:
   * ``ARCH:TAG``        an open_clip pretrained tag, e.g. ``ViT-B-32:laion2b_s34b_b79k`` (downloaded once, cached);
@@ -26,23 +26,15 @@ import open_clip
 import torch
 from open_clip.transformer import ResidualAttentionBlock
 
-from .decode import PreprocessSpec, decode_bytes, preprocess
-from .errors import BadImage, ModelUnavailable, UsageError
+from clipsearch.indexer.errors import BadImage, ModelUnavailable, UsageError
+from clipsearch.indexer.ingest.decode import PreprocessSpec, decode_bytes, preprocess
+from clipsearch.indexer.model.protocol import EmbeddingSpace
 
 log = logging.getLogger(__name__)
 
-DEMO_DIR = Path(__file__).parent / "models" / "demo"
+DEMO_DIR = Path(__file__).parent / "demo"
 _TEXT_BATCH = 256
 _MIN_SHARED_PREFIX = 3  # shared tokens (start token included) from which running the prefix once pays off
-
-
-@dataclass(frozen=True)
-class EmbeddingSpace:
-    """Identity of a vector space: two encoders with the same key produce comparable vectors."""
-
-    key: str  # short stable hash of label + preprocessing
-    label: str  # human-readable: ARCH:weights-id
-    dim: int  # embedding dimension
 
 
 @dataclass(frozen=True)
@@ -179,8 +171,8 @@ def build_model(spec: str, device: str = "cpu") -> tuple[torch.nn.Module, Any, d
     return model, tokenizer, dict(open_clip.get_model_preprocess_cfg(model)), parsed
 
 
-class Encoder:
-    """CLIP image/text encoder with the house contract: L2-normalised float32 (N, D) under inference_mode."""
+class TorchEncoder:
+    """open_clip on torch, satisfying the Encoder Protocol: L2-normalised float32 (N, D) under inference_mode."""
 
     def __init__(self, spec: str, device: str | None = None) -> None:
         self.spec = spec

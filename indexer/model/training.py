@@ -22,10 +22,10 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
-from .datasets import load_caption_pairs
-from .decode import decode_file
-from .encoder import build_model, pick_device
-from .errors import UsageError
+from clipsearch.indexer.errors import UsageError
+from clipsearch.indexer.ingest.decode import decode_file
+from clipsearch.indexer.model.datasets import load_caption_pairs
+from clipsearch.indexer.model.torch_encoder import build_model, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class TrainReport:
 def _load_images(paths: list[Path], spec, workers: int) -> np.ndarray:
     from concurrent.futures import ProcessPoolExecutor
 
-    from .workers import decode_task, init_worker
+    from clipsearch.indexer.ingest.workers import decode_task, init_worker
 
     raw = [str(p).encode() for p in paths]
     if workers > 0:
@@ -125,9 +125,9 @@ def train(cfg: TrainConfig) -> TrainReport:
     model_cfg = _model_cfg(cfg.model, parsed)
     if cfg.resize_mode:
         pp = {**pp, "resize_mode": cfg.resize_mode}
-    from .encoder import Encoder
+    from clipsearch.indexer.model.torch_encoder import TorchEncoder
 
-    spec = Encoder.preprocess_spec_from(pp)
+    spec = TorchEncoder.preprocess_spec_from(pp)
     t0 = time.perf_counter()
     pixels = _load_images(images, spec, cfg.workers)
     log.info("decoded %d images in %.1fs", len(images), time.perf_counter() - t0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .decode import DecodeResult, PreprocessSpec, decode_file
+from clipsearch.indexer.ingest.decode import DecodeResult, PreprocessSpec, decode_file
 
 _W: dict[str, Any] = {}
 

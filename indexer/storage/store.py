@@ -26,8 +26,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .catalog import Catalog, SpaceInfo
-from .errors import IndexUnavailable
+from clipsearch.indexer.errors import IndexUnavailable
+from clipsearch.indexer.storage.catalog import Catalog, SpaceInfo
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
-from .errors import CatalogError
+from clipsearch.indexer.errors import CatalogError
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.expression import Exists
 
-from .catalog import Catalog
-from .errors import UsageError
-from .schema import photos, tag_labels, tags, text_collections, text_entries
+from clipsearch.indexer.errors import UsageError
+from clipsearch.indexer.storage.catalog import Catalog
+from clipsearch.indexer.storage.schema import photos, tag_labels, tags, text_collections, text_entries
 
 
 @dataclass(frozen=True)

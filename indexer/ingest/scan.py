@@ -12,7 +12,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .decode import IMAGE_EXTENSIONS
+from clipsearch.indexer.ingest.decode import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 

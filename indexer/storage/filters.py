@@ -9,8 +9,8 @@ from datetime import datetime
 import numpy as np
 from sqlalchemy import and_, func, or_, select
 
-from .catalog import Catalog
-from .schema import embeddings, photos, tag_labels, tags
+from clipsearch.indexer.storage.catalog import Catalog
+from clipsearch.indexer.storage.schema import embeddings, photos, tag_labels, tags
 
 
 @dataclass(frozen=True)

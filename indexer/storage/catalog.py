@@ -19,8 +19,8 @@ from sqlalchemy import create_engine, delete, event, func, insert, select, updat
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from .errors import CatalogError
-from .schema import embeddings, ensure_schema, meta, photos, spaces, tags
+from clipsearch.indexer.errors import CatalogError
+from clipsearch.indexer.storage.schema import embeddings, ensure_schema, meta, photos, spaces, tags
 
 log = logging.getLogger(__name__)
 

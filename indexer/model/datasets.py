@@ -11,8 +11,8 @@ import csv
 import json
 from pathlib import Path
 
-from .decode import IMAGE_EXTENSIONS
-from .errors import UsageError
+from clipsearch.indexer.errors import UsageError
+from clipsearch.indexer.ingest.decode import IMAGE_EXTENSIONS
 
 _PATH_KEYS = ("image", "path", "filepath", "file", "filename", "image_path")
 _TEXT_KEYS = ("caption", "text", "title", "sentence")
