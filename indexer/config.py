@@ -32,6 +32,7 @@ class AppConfig:
     db_url: str | None = None  # SQLAlchemy URL; None means SQLite at home/catalog.db ($CLIPSEARCH_DB)
     model: str | None = None  # model spec; None: the library's last model, else DEFAULT_MODEL ($CLIPSEARCH_MODEL)
     device: str | None = None  # "cuda", "mps", "cpu"; None picks the best available ($CLIPSEARCH_DEVICE)
+    backend: str = "auto"  # auto (ONNX Runtime on CPU, torch on CUDA), onnx or torch ($CLIPSEARCH_BACKEND)
     model_cache: Path | None = None  # where downloaded weights live; None: the hub's default ($CLIPSEARCH_MODEL_CACHE)
     roots: tuple[Path, ...] = ()  # folders the UI may index (nothing else); ($CLIPSEARCH_ROOTS, os.pathsep-separated)
     max_upload_mb: float = 20.0  # largest upload the UI accepts ($CLIPSEARCH_MAX_UPLOAD_MB)
@@ -56,6 +57,7 @@ class AppConfig:
         """The `CLIPSEARCH_*` variables that make `load_config` in a child process give this same config."""
         env = {"CLIPSEARCH_HOME": str(self.home), "CLIPSEARCH_MAX_UPLOAD_MB": str(self.max_upload_mb)}
         optional = {"CLIPSEARCH_DB": self.db_url, "CLIPSEARCH_MODEL": self.model, "CLIPSEARCH_DEVICE": self.device,
+                    "CLIPSEARCH_BACKEND": self.backend if self.backend != "auto" else None,
                     "CLIPSEARCH_MODEL_CACHE": self.model_cache and str(self.model_cache),
                     "CLIPSEARCH_ROOTS": os.pathsep.join(str(r) for r in self.roots) or None,
                     "CLIPSEARCH_DEBUG": "1" if self.debug else None}
@@ -65,7 +67,8 @@ class AppConfig:
 
 def load_config(env: Mapping[str, str] | None = None, **flags: Any) -> AppConfig:
     """The one place that turns environment + flags into an AppConfig. A flag given (not None) wins over its
-    variable; a variable wins over the default. Flags: home, db, model, device, model_cache, roots, max_upload_mb."""
+    variable; a variable wins over the default.
+    Flags: home, db, model, device, backend, model_cache, roots, max_upload_mb."""
     env = os.environ if env is None else env
 
     def pick(flag: str, var: str) -> Any:
@@ -73,7 +76,8 @@ def load_config(env: Mapping[str, str] | None = None, **flags: Any) -> AppConfig
         return value if value not in (None, "", ()) else (env.get(ENV_PREFIX + var) or None)
 
     kw: dict[str, Any] = {"db_url": pick("db", "DB"), "model": pick("model", "MODEL"),
-                          "device": pick("device", "DEVICE"), "debug": env.get("CLIPSEARCH_DEBUG", "") not in ("", "0")}
+                          "device": pick("device", "DEVICE"), "backend": pick("backend", "BACKEND") or "auto",
+                          "debug": env.get("CLIPSEARCH_DEBUG", "") not in ("", "0")}
     home = pick("home", "HOME")
     if home:
         kw["home"] = Path(home).expanduser()

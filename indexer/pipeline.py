@@ -24,10 +24,11 @@ import numpy as np
 from clipsearch.indexer.config import IndexOptions
 from clipsearch.indexer.errors import UsageError
 from clipsearch.indexer.ingest.cores import usable_cores
-from clipsearch.indexer.ingest.decode import STATUS_INDEXED, STATUS_REUSE, DecodeResult, decode_file
+from clipsearch.indexer.ingest.decode import STATUS_REUSE, DecodeResult, decode_file
 from clipsearch.indexer.ingest.scan import SAMPLE_DIR_NAME, FoundFile, _is_within, scan
 from clipsearch.indexer.ingest.workers import decode_task, init_worker
 from clipsearch.indexer.model.protocol import Encoder
+from clipsearch.indexer.status import PhotoStatus
 from clipsearch.indexer.storage.catalog import Catalog, KnownFile, PhotoRecord
 from clipsearch.indexer.storage.store import VectorStore
 
@@ -99,7 +100,7 @@ class Indexer:
         root_bytes = [os.fsencode(str(r)) for r in roots]
         seen = {f.path for f in found.files}
         vanished = {p: k for p, k in known.items() if p not in seen and any(_is_within(p, r) for r in root_bytes)}
-        vanished_by_hash = {k.content_hash: k for k in vanished.values() if k.content_hash and k.status == "indexed"}
+        vanished_by_hash = {k.content_hash: k for k in vanished.values() if k.content_hash and k.status == PhotoStatus.INDEXED}
         vec_by_hash = self.catalog.hashes_with_vectors(space_id)
         report.stage_seconds["scan"] = time.perf_counter() - ts
 
@@ -158,7 +159,7 @@ class Indexer:
                 todo.append(_Todo(f, None))
             elif k.size != f.size or k.mtime_ns != f.mtime_ns:
                 todo.append(_Todo(f, k.id))
-            elif k.status == STATUS_INDEXED and k.id not in embedded:
+            elif k.status == PhotoStatus.INDEXED and k.id not in embedded:
                 todo.append(_Todo(f, None, add_space_to=k.id))  # model change: keep row, tags, other vectors
             else:
                 unchanged += 1
@@ -268,7 +269,7 @@ class Indexer:
             r = decode_file(f.path, self.encoder.preprocess_spec, self.options.max_pixels)  # nothing to reuse
         rec = PhotoRecord(f.path, f.size, f.mtime_ns, r.status, r.reason, r.content_hash, r.width, r.height,
                           r.taken_at, r.camera_make, r.camera_model, r.format, item.existing_id)
-        if r.status == STATUS_INDEXED and r.pixels is not None:
+        if r.status == PhotoStatus.INDEXED and r.pixels is not None:
             batch.add_pixels(r.pixels, record_index=len(batch.records))
             report.indexed += 1
         else:
@@ -296,7 +297,7 @@ class Indexer:
         out = []
         for src, path, size, mtime_ns in copies:
             s = rows[src]
-            out.append((src, PhotoRecord(path, size, mtime_ns, STATUS_INDEXED, None, s["content_hash"], s["width"],
+            out.append((src, PhotoRecord(path, size, mtime_ns, PhotoStatus.INDEXED, None, s["content_hash"], s["width"],
                                          s["height"], s["taken_at"], s["camera_make"], s["camera_model"],
                                          s["format"])))
         return out

@@ -11,13 +11,14 @@ from pathlib import Path
 
 from clipsearch.indexer.errors import BadImage, PhotoNotFound
 from clipsearch.indexer.ingest.decode import load_display_image
+from clipsearch.indexer.status import PhotoStatus
 from clipsearch.indexer.storage.catalog import Catalog
 
 
 def thumbnail(catalog: Catalog, cache_dir: Path, photo_id: int, size: int = 320) -> bytes:
     """JPEG bytes of an upright thumbnail (EXIF orientation applied) no larger than `size` pixels."""
     row = catalog.photos_by_id([int(photo_id)]).get(int(photo_id))
-    if row is None or row["status"] != "indexed":
+    if row is None or row["status"] != PhotoStatus.INDEXED:
         raise PhotoNotFound(f"no indexed photo with id {photo_id}")
     cached = cache_dir / f"{photo_id}_{size}_{row['mtime_ns']}.jpg"
     if cached.is_file():

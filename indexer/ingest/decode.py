@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from clipsearch.indexer.status import PhotoStatus
+
 log = logging.getLogger(__name__)
 
 try:  # HEIC/AVIF support is optional at import time so that a broken wheel does not take the app down
@@ -36,10 +38,6 @@ _FAST_JPEG = True  # tests switch it off to compare the fast path with Pillow's 
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure with a reason, not a half-grey photo
 
-STATUS_INDEXED = "indexed"
-STATUS_FAILED = "failed"
-STATUS_UNSUPPORTED = "unsupported"
-STATUS_EMPTY = "empty"
 STATUS_REUSE = "reuse"  # content already embedded elsewhere (moved or duplicate file): no decode needed
 
 IMAGE_EXTENSIONS = frozenset(
@@ -280,7 +278,7 @@ def decode_bytes(
 ) -> DecodeResult:
     """Decode one file's bytes into model input plus catalog metadata; never raises on bad input."""
     if not data:
-        return DecodeResult(STATUS_EMPTY, "zero-byte file")
+        return DecodeResult(PhotoStatus.EMPTY, "zero-byte file")
     digest = content_hash(data)
     if digest in reuse_hashes:
         return DecodeResult(STATUS_REUSE, content_hash=digest)
@@ -289,11 +287,11 @@ def decode_bytes(
         pixels = preprocess(im, spec)
     except ValueError as e:
         status, _, reason = str(e).partition(": ")
-        status = STATUS_UNSUPPORTED if status == STATUS_UNSUPPORTED else STATUS_FAILED
+        status = PhotoStatus.UNSUPPORTED if status == PhotoStatus.UNSUPPORTED else PhotoStatus.FAILED
         return DecodeResult(status, reason, content_hash=digest)
     except Exception as e:  # a decoder bug must not stop the run
-        return DecodeResult(STATUS_FAILED, f"decoder error: {type(e).__name__}: {e}", content_hash=digest)
-    return DecodeResult(STATUS_INDEXED, None, digest, pixels, head.width, head.height, head.taken_at,
+        return DecodeResult(PhotoStatus.FAILED, f"decoder error: {type(e).__name__}: {e}", content_hash=digest)
+    return DecodeResult(PhotoStatus.INDEXED, None, digest, pixels, head.width, head.height, head.taken_at,
                         head.camera_make, head.camera_model, fmt)
 
 
@@ -308,7 +306,7 @@ def decode_file(
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        return DecodeResult(STATUS_FAILED, f"unreadable: {e.strerror or e}")
+        return DecodeResult(PhotoStatus.FAILED, f"unreadable: {e.strerror or e}")
     return decode_bytes(data, spec, max_pixels, reuse_hashes)
 
 

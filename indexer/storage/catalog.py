@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from clipsearch.indexer.errors import CatalogError
+from clipsearch.indexer.status import PhotoStatus
 from clipsearch.indexer.storage.schema import embeddings, ensure_schema, meta, photos, spaces, tags
 
 log = logging.getLogger(__name__)
@@ -365,7 +366,7 @@ class Catalog:
 
     def counts_by_status(self) -> dict[str, int]:
         """Photo counts per status; every documented status is present (0 when none)."""
-        out = {"indexed": 0, "failed": 0, "unsupported": 0, "empty": 0}
+        out = {str(s): 0 for s in PhotoStatus}
         with self.engine.connect() as conn:
             for status, n in conn.execute(select(photos.c.status, func.count()).group_by(photos.c.status)):
                 out[status] = int(n)
@@ -375,7 +376,7 @@ class Catalog:
         """Files that could not be indexed, with their reasons."""
         q = (
             select(photos.c.id, photos.c.path, photos.c.status, photos.c.reason)
-            .where(photos.c.status != "indexed")
+            .where(photos.c.status != PhotoStatus.INDEXED)
             .order_by(photos.c.path)
             .limit(limit)
         )
