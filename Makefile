@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test install install-dev lint bench demo-model clean
+.PHONY: demo test test-slow install install-dev lint bench demo-model clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -23,14 +23,18 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(VENV)/bin/clipsearch demo
 
-## Whole test suite (unit, integration, PostgreSQL, AppTest, browser e2e, slow)
+## Test suite a person can wait for (unit, integration, PostgreSQL, AppTest, browser e2e): <= 10 min on 2 cores
 test: install-dev
 	./scripts/system-deps.sh
-	$(VENV)/bin/ruff check indexer search ui tests bench
-	$(PY) -m pytest -q
+	$(VENV)/bin/ruff check clipsearch indexer search ui tests bench
+	$(PY) -m pytest -q -m "not slow"
+
+## The long tier: retrains the demo model from scratch (~32 min); CI runs it after `make test`
+test-slow: install-dev
+	$(PY) -m pytest -q -m slow
 
 lint: install-dev
-	$(VENV)/bin/ruff check indexer search ui tests bench
+	$(VENV)/bin/ruff check clipsearch indexer search ui tests bench
 
 ## Reproduce the bundled demo model (indexer/model/demo)
 demo-model: install

@@ -20,6 +20,6 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-from clipsearch.api import Library, open  # noqa: E402  (after __version__, which api does not need)
+from clipsearch.api import Library, make_sample, open  # noqa: E402  (after __version__)
 
-__all__ = ["Library", "__version__", "open"]
+__all__ = ["Library", "__version__", "make_sample", "open"]

@@ -79,3 +79,12 @@ def open(home: str | Path | None = None, model: str | None = None, db: str | Non
     from clipsearch.indexer.config import load_config
 
     return Library(load_config(home=home, model=model, db=db, device=device))
+
+
+def make_sample(folder: str | Path, count: int = 60, seed: int = 0) -> Path:
+    """Write a captioned, photo-like sample library (coloured shapes on backgrounds) to try clipsearch offline."""
+    from clipsearch.indexer.model.sample import make_sample as _make
+
+    out = Path(folder).expanduser()
+    _make(out, count, seed)
+    return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from clipsearch.indexer.config import DEFAULT_MODEL, AppConfig, IndexOptions
@@ -44,10 +44,11 @@ def build_encoder(config: AppConfig, catalog: Catalog) -> Encoder:
 
 
 def build_indexer(config: AppConfig, options: IndexOptions = IndexOptions()) -> Indexer:
-    """An Indexer over the real parts for this config (loads the model)."""
-    from clipsearch.indexer.pipeline import Indexer
+    """An Indexer over the real parts for this config; the model loads only if the run has something to embed."""
+    from clipsearch.indexer.pipeline import EncoderSource, Indexer
 
     parts = open_parts(config)
-    encoder = build_encoder(config, parts.catalog)
-    parts.catalog.set_meta("last_model", encoder.spec)
-    return Indexer(parts.catalog, parts.store, encoder, config.home, options)
+    spec = resolve_model(config, parts.catalog)
+    parts.catalog.set_meta("last_model", spec)
+    source = EncoderSource(spec, lambda: build_encoder(replace(config, model=spec), parts.catalog))
+    return Indexer(parts.catalog, parts.store, source, config.home, options, db_url=config.db_url)

@@ -67,7 +67,8 @@ def make_indexer(config, encoder, **opts):
     from clipsearch.indexer.pipeline import Indexer
 
     parts = open_parts(config)
-    return Indexer(parts.catalog, parts.store, encoder, config.home, IndexOptions(**{"workers": 1, **opts}))
+    return Indexer(parts.catalog, parts.store, encoder, config.home, IndexOptions(**{"workers": 1, **opts}),
+                   db_url=config.db_url)
 
 
 # --- PostgreSQL --------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 
 def _ids_in_index(ix) -> set[int]:
-    space = ix.catalog.space(ix.catalog.ensure_space(ix.encoder.space.key, "", "", ix.encoder.space.dim))
+    space = ix.catalog.space(ix.catalog.ensure_space(ix.encoder.get().space.key, "", "", ix.encoder.get().space.dim))
     index = ix.store.index_for(space)
     return {int(i) for i in faiss_ids(index)}
 
@@ -212,7 +212,7 @@ def test_decode_workers_follow_the_cpu_set_not_the_host_count(tmp_path, tiny_enc
     before = os.sched_getaffinity(0)
     try:
         os.sched_setaffinity(0, {min(before)})
-        assert usable_cores() == 1 and ix._workers() == 1
+        assert usable_cores() == 1 and ix.executor._worker_count(overlap=False) == 1
     finally:
         os.sched_setaffinity(0, before)
     assert usable_cores() == len(before)
@@ -226,7 +226,8 @@ def test_alternating_and_overlapping_schedules_index_the_same(library, tmp_path,
     ref = make_indexer(AppConfig(home=tmp_path / "ref", model="x"), tiny_encoder, workers=0)
     ix = make_indexer(AppConfig(home=tmp_path / device, model="x"), _ReportsDevice(tiny_encoder, device),
                       workers=None, batch_size=3)
-    assert ix._workers() == (usable_cores() if device == "cpu" else max(1, usable_cores() - 1))
+    overlap = device != "cpu"
+    assert ix.executor._worker_count(overlap) == (max(1, usable_cores() - 1) if overlap else usable_cores())
     r0, r1 = ref.run([library]), ix.run([library])
     assert (r1.indexed, dict(r1.failed)) == (r0.indexed, dict(r0.failed)) and r1.indexed == 8
     s0, s1 = ref.catalog.spaces()[0].id, ix.catalog.spaces()[0].id

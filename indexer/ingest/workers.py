@@ -20,6 +20,6 @@ def init_worker(spec: PreprocessSpec, max_pixels: int, reuse: frozenset[str]) ->
         pass
 
 
-def decode_task(path: bytes) -> DecodeResult:
-    """Decode one file with the per-process settings."""
-    return decode_file(path, _W["spec"], _W["max_pixels"], _W["reuse"])
+def decode_task(path: bytes, allow_reuse: bool = True) -> DecodeResult:
+    """Decode one file with the per-process settings (allow_reuse=False: always decode, never answer "reuse")."""
+    return decode_file(path, _W["spec"], _W["max_pixels"], _W["reuse"] if allow_reuse else frozenset())

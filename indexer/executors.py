@@ -1,0 +1,187 @@
+"""Stage 2 of an indexing run, *embed*: decode and encode planned files through an Executor.
+
+The Executor is the seam between one machine and a cluster: plan and commit never know which one ran. An
+executor receives tasks (a path, and whether an already-embedded content hash may be reused instead of decoding)
+and yields batches of results (decode metadata without pixels, plus a vector for each decoded photo). Each batch
+becomes one catalog transaction in the commit stage. `LocalExecutor` is a process pool on this machine; a Ray Data
+executor (indexer/ray_executor.py) runs the same decode code on a cluster.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing as mp
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import numpy as np
+
+from clipsearch.indexer.ingest.cores import usable_cores
+from clipsearch.indexer.ingest.decode import DecodeResult, PreprocessSpec, decode_file
+from clipsearch.indexer.ingest.workers import decode_task, init_worker
+from clipsearch.indexer.model.protocol import Encoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbedTask:
+    """One file to decode (and embed): `key` is the caller's handle for it."""
+
+    key: int
+    path: bytes
+    allow_reuse: bool = True  # may answer "reuse" for a content hash that already has a vector
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """What the embed stage learnt about one file: decode metadata (no pixels) and its vector if it was decoded."""
+
+    key: int
+    decoded: DecodeResult
+    vector: np.ndarray | None = None
+
+
+@dataclass
+class EmbedStats:
+    """Seconds spent waiting for decodes and in the model (per-stage timing, summed over batches)."""
+
+    decode_wait: float = 0.0
+    embed: float = 0.0
+
+
+@dataclass(frozen=True)
+class EmbedContext:
+    """What every executor needs to know, whatever runs it."""
+
+    spec: str  # model spec (an executor on other machines builds its own encoder from it)
+    preprocess: PreprocessSpec
+    max_pixels: int
+    reuse_hashes: frozenset[str]  # content hashes whose vectors can be reused (moves and duplicates)
+    batch_size: int
+    stats: EmbedStats = field(default_factory=EmbedStats)
+
+
+class Executor(Protocol):
+    """Runs the embed stage; yields result batches in any order (each batch one commit)."""
+
+    def run(self, tasks: Sequence[EmbedTask], ctx: EmbedContext,
+            encoder: Callable[[], Encoder]) -> Iterator[list[EmbedResult]]:
+        """Decode and embed `tasks`; `encoder()` returns this process's encoder (loaded once)."""
+        ...
+
+
+class LocalExecutor:
+    """A decode process pool on this machine feeding the in-process encoder.
+
+    On an accelerator, decoding runs ahead of the model in a bounded window (the CPU decodes while the device
+    embeds). When the model runs on the same CPU cores, overlapping only makes decode workers and the model's
+    threads pre-empt each other, so the phases alternate instead: all workers decode one batch while the model
+    is idle, then the model gets every core for that batch (measured as the best packing on shared cores).
+    """
+
+    def __init__(self, workers: int | None = None, progress: bool = False) -> None:
+        self.workers, self.progress = workers, progress
+
+    def run(self, tasks: Sequence[EmbedTask], ctx: EmbedContext,
+            encoder: Callable[[], Encoder]) -> Iterator[list[EmbedResult]]:
+        """Decode in worker processes, embed each batch in this process, yield one result list per batch."""
+        enc = encoder()
+        batch: list[tuple[EmbedTask, DecodeResult]] = []
+        for task, result in self._decoded(tasks, ctx, _on_accelerator(enc)):
+            if task is not None:
+                batch.append((task, result))
+            n_pixels = sum(r.pixels is not None for _, r in batch)
+            full = n_pixels >= ctx.batch_size or len(batch) >= 4 * ctx.batch_size
+            if batch and (full or task is None):  # None: a decode phase ended
+                yield _embed_batch(batch, enc, ctx.stats)
+                batch = []
+        if batch:
+            yield _embed_batch(batch, enc, ctx.stats)
+
+    def _decoded(self, tasks: Sequence[EmbedTask], ctx: EmbedContext,
+                 overlap: bool) -> Iterator[tuple[EmbedTask, DecodeResult] | tuple[None, None]]:
+        """Decode results in order; (None, None) marks the end of a decode phase (time to embed)."""
+        bar = _progress_bar(len(tasks)) if self.progress else None
+        try:
+            workers = self._worker_count(overlap)
+            if workers <= 0 or len(tasks) < 2:
+                for task in tasks:
+                    ts = time.perf_counter()
+                    result = decode_file(task.path, ctx.preprocess, ctx.max_pixels, _reuse(task, ctx))
+                    ctx.stats.decode_wait += time.perf_counter() - ts
+                    yield task, result
+                    bar and bar.update(1)
+                return
+            yield from self._pooled(tasks, ctx, workers, overlap, bar)
+        finally:
+            if bar:
+                bar.close()
+
+    def _pooled(self, tasks: Sequence[EmbedTask], ctx: EmbedContext, workers: int, overlap: bool,
+                bar: Any) -> Iterator[tuple[EmbedTask, DecodeResult] | tuple[None, None]]:
+        window = max(4, ctx.batch_size * 3) if overlap else max(2, ctx.batch_size)
+        with ProcessPoolExecutor(workers, mp.get_context("spawn"), init_worker,
+                                 (ctx.preprocess, ctx.max_pixels, ctx.reuse_hashes)) as pool:
+            pending: deque[tuple[EmbedTask, Future]] = deque()
+            it = iter(tasks)
+
+            def refill(n: int) -> None:
+                for nxt in itertools.islice(it, n):
+                    pending.append((nxt, pool.submit(decode_task, nxt.path, nxt.allow_reuse)))
+
+            refill(window)
+            while pending:
+                task, fut = pending.popleft()
+                if overlap:
+                    refill(1)
+                ts = time.perf_counter()
+                result = fut.result()
+                ctx.stats.decode_wait += time.perf_counter() - ts
+                yield task, result
+                bar and bar.update(1)
+                if not pending and not overlap:
+                    yield None, None  # end of a decode phase: embed what it produced while workers are idle
+                if not pending:
+                    refill(window)
+
+    def _worker_count(self, overlap: bool) -> int:
+        """Decode processes: as set, else every core when phases alternate, cores - 1 beside an accelerator."""
+        if self.workers is not None:
+            return self.workers
+        cores = usable_cores()
+        return max(1, cores - 1) if overlap else cores
+
+
+def _reuse(task: EmbedTask, ctx: EmbedContext) -> frozenset[str]:
+    return ctx.reuse_hashes if task.allow_reuse else frozenset()
+
+
+def _on_accelerator(encoder: Encoder) -> bool:
+    return not str(getattr(encoder, "device", "cpu")).startswith("cpu")
+
+
+def _embed_batch(batch: list[tuple[EmbedTask, DecodeResult]], encoder: Encoder,
+                 stats: EmbedStats) -> list[EmbedResult]:
+    """Embed the decoded photos of a batch; results carry no pixels (they may cross a process boundary)."""
+    with_pixels = [i for i, (_, r) in enumerate(batch) if r.pixels is not None]
+    vectors: dict[int, np.ndarray] = {}
+    if with_pixels:
+        ts = time.perf_counter()
+        vecs = encoder.encode_pixels(np.stack([batch[i][1].pixels for i in with_pixels]))
+        stats.embed += time.perf_counter() - ts
+        vectors = dict(zip(with_pixels, vecs, strict=True))
+    return [EmbedResult(t.key, replace(r, pixels=None), vectors.get(i)) for i, (t, r) in enumerate(batch)]
+
+
+def _progress_bar(total: int) -> Any:
+    if total == 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="indexing", dynamic_ncols=True, smoothing=0.1)
