@@ -1,0 +1,207 @@
+"""clipsearch against rclip, side by side in one run, on the same folders and the same network and weights.
+
+rclip (ONNX Runtime on CPU) runs in its own venv (it needs Python 3.12):
+
+    python3.12 -m venv /tmp/rclip-venv && /tmp/rclip-venv/bin/pip install rclip==4.0.8
+    python bench/vs_rclip.py --rclip-python /tmp/rclip-venv/bin/python --workdir /tmp/vs-rclip
+
+rclip downloads its models from a hub, which this benchmark never reaches. Instead it exports open_clip's
+ViT-B-32-256 with random weights (`torch.manual_seed(0)`, `pretrained=None`: exactly what clipsearch builds for
+the spec `ViT-B-32-256:none`) to the files rclip expects in its data dir (`RCLIP_DATADIR`):
+`ViT-B-32-256-datacomp_s34b_b86k/{visual,textual}.onnx` (input `input`, output `output`, dynamic batch), open_clip's
+BPE vocabulary under `tokenizer/`, and the licence files it checks for (written as placeholders naming their
+origin). Both tools then embed with the same network; the script checks that their text vectors agree.
+
+Measured per folder (one of camera-size 4000x3000 JPEGs, one of small photos), in alternating rounds, medians:
+cold index of a new folder (fresh catalog/database, includes the first query for rclip, whose CLI indexes before it
+answers), re-run on the unchanged folder, a text query with no indexing (rclip `--no-indexing`; clipsearch
+`search` with no server), and each process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RCLIP_SUBDIR = "ViT-B-32-256-datacomp_s34b_b86k"
+LEGAL = ("LICENSE", "OPENAI-CLIP-MIT.txt", "README.md", "THIRD_PARTY_NOTICES.md")
+SPEC = "ViT-B-32-256:none"
+QUERY = "a photo of a dog on a beach"
+
+
+def export_rclip_models(datadir: Path) -> None:
+    """Write rclip's model files from open_clip ViT-B-32-256 with seed-0 random weights (once)."""
+    out = datadir / RCLIP_SUBDIR
+    if (out / "visual.onnx").is_file() and (out / "textual.onnx").is_file():
+        return
+    import open_clip
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32-256", pretrained=None, pretrained_text=False).eval()
+
+    model.requires_grad_(False)
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused attention kernel has no ONNX export
+
+    class Visual(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.clip = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.clip.encode_image(x)
+
+    class Textual(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.clip = model
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.clip.encode_text(t)
+
+    batch = {"input": {0: "batch"}, "output": {0: "batch"}}
+    with torch.no_grad():
+        torch.onnx.export(Visual(), (torch.randn(2, 3, 256, 256),), str(out / "visual.onnx"), input_names=["input"],
+                          output_names=["output"], dynamic_axes=batch, opset_version=17, dynamo=False)
+        tokens = open_clip.get_tokenizer("ViT-B-32-256")(["a photo", "two words"])
+        torch.onnx.export(Textual(), (tokens,), str(out / "textual.onnx"), input_names=["input"],
+                          output_names=["output"], dynamic_axes=batch, opset_version=17, dynamo=False)
+    vocab = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    (datadir / "tokenizer").mkdir(exist_ok=True)
+    shutil.copy(vocab, datadir / "tokenizer" / vocab.name)
+    for name in LEGAL:
+        (datadir / name).write_text("placeholder written by clipsearch bench/vs_rclip.py: the model files here are an "
+                                    "open_clip ViT-B-32-256 export with random weights (MIT, open_clip)\n")
+
+
+def make_folder(folder: Path, count: int, size: tuple[int, int]) -> None:
+    """Generated photo-like JPEGs (see index_throughput.make_jpegs)."""
+    if folder.is_dir() and len(list(folder.glob("*.jpg"))) == count:
+        return
+    sys.path.insert(0, str(Path(__file__).parent))
+    from index_throughput import make_jpegs
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    make_jpegs(folder, count, size)
+
+
+def timed(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS in MB (GNU time's %M: the largest resident set of the process and its waited-for
+    children), and stdout of one command."""
+    t = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-f", "RSSKB=%M", *cmd], env=env, cwd=cwd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    kb = [line for line in proc.stderr.splitlines() if line.startswith("RSSKB=")][-1]
+    return seconds, int(kb.split("=")[1]) / 1024, proc.stdout
+
+
+class Tools:
+    """The two command lines, each with its own fresh state per round."""
+
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.args, self.work = args, work
+        self.models = work / "rclip-models"
+
+    def rclip_env(self, state: Path) -> dict[str, str]:
+        state.mkdir(parents=True, exist_ok=True)
+        for item in [RCLIP_SUBDIR, "tokenizer", *LEGAL]:
+            link = state / item
+            if not link.exists():
+                link.symlink_to(self.models / item)
+        return {**os.environ, "RCLIP_DATADIR": str(state), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+
+    def rclip(self, folder: Path, state: Path, index: bool) -> tuple[float, float]:
+        cmd = [self.args.rclip_python, "-m", "rclip", "-f", "-t", "5", QUERY] + ([] if index else ["--no-indexing"])
+        s, rss, _ = timed(cmd, self.rclip_env(state), cwd=folder)
+        return s, rss
+
+    def clipsearch(self, *argv: str, home: Path) -> tuple[float, float, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPSEARCH_")}
+        if self.args.backend:
+            env["CLIPSEARCH_BACKEND"] = self.args.backend
+        return timed([sys.executable, "-m", "clipsearch", *argv, "--home", str(home)], env)
+
+
+def run_folder(tools: Tools, name: str, folder: Path, rounds: int) -> dict[str, dict[str, float]]:
+    n = len(list(folder.glob("*.jpg")))
+    rows: dict[str, list[tuple[float, float]]] = {}
+
+    def add(key: str, value: tuple[float, float]) -> None:
+        rows.setdefault(key, []).append(value)
+
+    for r in range(rounds):
+        state, home = tools.work / f"rclip-state-{name}-{r}", tools.work / f"cs-home-{name}-{r}"
+        shutil.rmtree(state, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)
+        add("rclip cold index + first query", tools.rclip(folder, state, index=True))
+        s, rss, _ = tools.clipsearch("index", str(folder), "--model", SPEC, "--no-progress", home=home)
+        q, qrss, _ = tools.clipsearch("search", QUERY, "-k", "5", home=home)
+        add("clipsearch cold index + first query", (s + q, max(rss, qrss)))
+        add("clipsearch cold index", (s, rss))
+        add("rclip re-run, unchanged folder (index check + query)", tools.rclip(folder, state, index=True))
+        s, rss, _ = tools.clipsearch("index", str(folder), "--no-progress", home=home)
+        add("clipsearch re-index, unchanged folder", (s, rss))
+        add("rclip query, no indexing", tools.rclip(folder, state, index=False))
+        add("clipsearch query (no server)", (q := tools.clipsearch("search", QUERY, "-k", "5", home=home))[:2])
+    out = {k: {"seconds": statistics.median(v[0] for v in vs), "peak_rss_mb": max(v[1] for v in vs)}
+           for k, vs in rows.items()}
+    for k in ("rclip cold index + first query", "clipsearch cold index"):
+        out[k]["photos_per_s"] = n / out[k]["seconds"]
+    return out
+
+
+def check_same_network(tools: Tools) -> float:
+    """Cosine between rclip's and clipsearch's text vector of one query (same network: ~1.0)."""
+    code = ("import json,sys,numpy as np; from rclip.model import Model; m=Model(); "
+            f"print(json.dumps(m.compute_text_features([{QUERY!r}])[0].tolist()))")
+    env = tools.rclip_env(tools.work / "rclip-probe")
+    theirs = json.loads(subprocess.run([tools.args.rclip_python, "-c", code], env=env, capture_output=True,
+                                       text=True, check=True).stdout)
+    from clipsearch.indexer.model.factory import create_encoder
+
+    ours = create_encoder(SPEC, "cpu", tools.args.backend or "auto").encode_texts([QUERY])[0]
+    import numpy as np
+
+    a = np.asarray(theirs, np.float32)
+    return float(a @ ours / np.linalg.norm(a))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rclip-python", required=True, help="python of a venv with rclip installed")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/vs-rclip"))
+    ap.add_argument("--big", type=int, default=200, help="camera-size (4000x3000) JPEGs")
+    ap.add_argument("--small", type=int, default=200, help="small (640x480) JPEGs")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--backend", default=None, help="clipsearch encoder backend (default: its own auto)")
+    args = ap.parse_args()
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    tools = Tools(args, work)
+    export_rclip_models(tools.models)
+    print(f"same network check: cosine(rclip, clipsearch) text vector = {check_same_network(tools):.6f}")
+    folders = {"camera 12MP": (work / "big", args.big, (4000, 3000)), "small": (work / "small", args.small, (640, 480))}
+    results = {}
+    for name, (folder, count, size) in folders.items():
+        if count:
+            make_folder(folder, count, size)
+            results[name] = run_folder(tools, name.split()[0], folder, args.rounds)
+            for k, v in results[name].items():
+                extra = f"  {v['photos_per_s']:.1f} photos/s" if "photos_per_s" in v else ""
+                print(f"{name:12s} {k:55s} {v['seconds']:7.2f} s  peak RSS {v['peak_rss_mb']:6.0f} MB{extra}")
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

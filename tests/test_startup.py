@@ -1,0 +1,30 @@
+"""No model start-up where nothing needs encoding: an index run whose plan is empty never imports torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import TINY
+
+PROBE = ("import json, sys\nfrom clipsearch.ui.cli import main\nrc = main(sys.argv[1:])\n"
+         "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules, 'open_clip': 'open_clip' in sys.modules}))")
+
+
+def _probe(*args: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=600)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.integration
+def test_reindex_of_an_unchanged_folder_never_loads_torch(library, tmp_path) -> None:
+    home = str(tmp_path / "home")
+    first = _probe("index", str(library), "--home", home, "--model", TINY, "--device", "cpu", "--no-progress")
+    assert first == {"rc": 0, "torch": True, "open_clip": True}  # the first run embeds, so it needs the model
+    again = _probe("index", str(library), "--home", home, "--model", TINY, "--device", "cpu", "--no-progress")
+    assert again == {"rc": 0, "torch": False, "open_clip": False}
+    implicit = _probe("index", str(library), "--home", home, "--no-progress")  # the library's model, unnamed
+    assert implicit == {"rc": 0, "torch": False, "open_clip": False}
