@@ -66,16 +66,15 @@ def main() -> None:
         with cat.engine.begin() as conn:  # a clean slate: no tags from an earlier run to replace
             conn.execute(delete(tags))
             conn.execute(delete(tag_labels))
-        tmpl = tmp / "t.txt"
-        tmpl.write_text("a photo of a {}.\n")
+        tmpl = ["a photo of a {}."]
         labels = [f"label number {i}" for i in range(args.labels)]
         svc = SearchService(cat, VectorStore(tmp / "idx", cat), enc)  # fresh: no index loaded, no label cache
         t = time.perf_counter()
-        res = svc.tag(labels, name="bench", threshold=0.0, templates=str(tmpl))
+        res = svc.tag(labels, name="bench", threshold=0.0, templates=tmpl)
         t_tag = time.perf_counter() - t
         svc = SearchService(cat, VectorStore(tmp / "idx", cat), enc)  # fresh again: a second `clipsearch tag` run
         t = time.perf_counter()
-        again = svc.tag(labels, name="bench", threshold=0.0, templates=str(tmpl))
+        again = svc.tag(labels, name="bench", threshold=0.0, templates=tmpl)
         t_again = time.perf_counter() - t
         t = time.perf_counter()
         enc.encode_texts([f"a photo of a {lab}." for lab in labels])

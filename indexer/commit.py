@@ -9,6 +9,7 @@ embedded in a second pass. Killing the process between two batches loses nothing
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,8 @@ class IndexReport:
     failed: Counter = field(default_factory=Counter)  # "status: reason" -> count (a summary for people)
     skipped_dirs: list[str] = field(default_factory=list)
     skipped_by_ext: Counter = field(default_factory=Counter)  # files not read: extension -> count
+    decoder_warnings: int = 0  # decoder messages (routed to the log), summed over files
+    files_with_warnings: int = 0
     interrupted: bool = False  # a stop was requested: the run ended after a committed batch; re-run to resume
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=lambda: {"plan": 0.0, "decode_wait": 0.0,
@@ -55,6 +58,7 @@ class IndexReport:
             "reused": self.reused, "removed": self.removed, "missing_kept": self.missing_kept,
             "failed": dict(self.failed), "skipped_dirs": self.skipped_dirs,
             "skipped_by_extension": dict(self.skipped_by_ext), "interrupted": self.interrupted,
+            "decoder_warnings": self.decoder_warnings, "files_with_warnings": self.files_with_warnings,
             "seconds": round(self.seconds, 3), "images_per_second": round(self.images_per_second, 2),
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
         }
@@ -99,6 +103,10 @@ class Committer:
     def _absorb(self, item: PlanItem, r: DecodeResult, vec: np.ndarray | None, txn: _Txn) -> PlanItem | None:
         """Turn one result into catalog work; a PlanItem back means "embed this again, decoding for real"."""
         f, report = item.file, self.report
+        if r.warnings:
+            report.decoder_warnings += r.warnings
+            report.files_with_warnings += 1
+            log.debug("decoder messages for %s: %s", os.fsdecode(f.path), "; ".join(r.warning_messages))
         if item.add_space_to is not None:
             if r.status == STATUS_REUSE:
                 return item

@@ -106,6 +106,38 @@ def test_sniffing_ignores_extensions() -> None:
     assert sniff_format(b"<html>") is None
 
 
+@pytest.mark.parametrize(
+    "head, fmt",
+    [
+        (b"II+\x00\x08\x00\x00\x00", "TIFF"),  # BigTIFF, little- and big-endian
+        (b"MM\x00+\x00\x08\x00\x00", "TIFF"),
+        (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG2000"),
+        (b"\xff\x4f\xff\x51\x00\x2f", "JPEG2000"),
+        (b"P6\n40 30\n255\n", "PPM"),
+        (b"P1 4 4", "PPM"),
+        (b"P7\nWIDTH 4", None),  # PAM: Pillow cannot read it
+        (b"8BPS\x00\x01", "PSD"),
+        (b"8BPS\x00\x02", None),  # PSB
+        (b"\x00\x00\x01\x00\x01\x00", "ICO"),
+        (b"\x00\x00\x02\x00\x01\x00", None),  # a cursor, not a picture
+        (b"\x00\x00\x02\x00\x00\x00\x00\x00\x00\x00\x00\x00(\x00\x1e\x00\x18 ", "TGA"),
+        (b"\x00\x01\x02\x00\x00\x00\x00\x00\x00\x00\x00\x00(\x00\x1e\x00\x18 ", None),  # colour map, no entry size
+        (b"Hello, world! Here are my notes", None),
+    ],
+)
+def test_sniffing_the_library_formats(head: bytes, fmt: str | None) -> None:
+    assert sniff_format(head) == fmt
+
+
+def test_decode_errors_carry_status_and_reason_across_processes() -> None:
+    import pickle
+
+    with pytest.raises(ValueError) as caught:  # callers that catch ValueError keep working
+        decode.open_image(b"GIF89a" + bytes(20), max_pixels=1000)
+    err = pickle.loads(pickle.dumps(caught.value))
+    assert (err.status, err.reason) == (caught.value.status, caught.value.reason) and err.reason
+
+
 def test_jpeg_draft_decodes_near_model_size() -> None:
     data = _bytes(Image.new("RGB", (4000, 3000), (9, 9, 9)), "JPEG")
     im = Image.open(io.BytesIO(data))

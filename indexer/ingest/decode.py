@@ -10,14 +10,15 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import warnings
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from clipsearch.indexer.ingest.decoder_log import collect_messages
 from clipsearch.indexer.status import PhotoStatus
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,25 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure with a 
 
 STATUS_REUSE = "reuse"  # content already embedded elsewhere (moved or duplicate file): no decode needed
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp", ".heic", ".heif", ".avif"}
+IMAGE_EXTENSIONS = frozenset(  # scan's candidates; the content decides what a file really is (sniff_format)
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", ".apng", ".webp", ".gif", ".tif", ".tiff", ".bmp",
+     ".heic", ".heif", ".avif", ".jp2", ".j2k", ".j2c", ".jpc", ".jpf", ".jpx", ".ppm", ".pgm", ".pbm", ".pnm",
+     ".tga", ".icb", ".vda", ".vst", ".psd", ".ico"}
 )
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"}
+_PIL_FORMATS = {"JPEG": ["JPEG", "MPO"], "AVIF": ["AVIF", "HEIF"]}  # else the sniffed name is Pillow's own
+MAX_KEPT_MESSAGES = 5  # decoder messages kept per file in DecodeResult (all of them are counted)
+
+
+class DecodeError(ValueError):
+    """A file we refuse or cannot decode: `status` (unsupported | failed) and a non-empty, readable `reason`."""
+
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(f"{status}: {reason}")
+        self.status, self.reason = status, reason
+
+    def __reduce__(self) -> tuple[type[DecodeError], tuple[str, str]]:  # picklable across worker processes
+        return DecodeError, (self.status, self.reason)
 
 
 @dataclass(frozen=True)
@@ -70,24 +86,56 @@ class DecodeResult:
     camera_make: str | None = None
     camera_model: str | None = None
     format: str | None = None
+    warnings: int = 0  # distinct decoder messages routed to the log instead of stderr (the run prints one total)
+    warning_messages: tuple[str, ...] = ()  # the first MAX_KEPT_MESSAGES of them, for the parent process's log
+
+
+def _is_tga(head: bytes) -> bool:
+    """Targa has no magic number: accept only a header whose fields are all ones Pillow's reader supports."""
+    if len(head) < 18:
+        return False
+    cmap, kind, entry_bits, depth, flags = head[1], head[2], head[7], head[16], head[17]
+    return (
+        cmap in (0, 1)
+        and kind in (1, 2, 3, 9, 10, 11)
+        and (kind not in (1, 9) or cmap == 1)  # colour-mapped kinds need a colour map
+        and (cmap == 0 or entry_bits in (15, 16, 24, 32))
+        and head[12:14] != b"\0\0" and head[14:16] != b"\0\0"  # width, height > 0
+        and depth in (1, 8, 16, 24, 32)
+        and flags & 0xC0 == 0  # reserved interleave bits
+    )
 
 
 def sniff_format(head: bytes) -> str | None:
-    """Name of the image format from the first bytes, or None when it is not one we accept."""
+    """Name of the image format from the first bytes, or None when it is not one we accept.
+
+    An allowlist decided by content, never by extension: a renamed file is still what it is, and Pillow's many
+    rarely-used decoders (FLI, SPIDER, EPS, ...) are never reached by a hostile file.
+    """
     if head.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
+        return "JPEG"  # MPO (multi-picture JPEG) too: reported as MPO once opened
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return "PNG"
     if head[:6] in (b"GIF87a", b"GIF89a"):
         return "GIF"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WEBP"
-    if head[:4] in (b"II*\x00", b"MM\x00*"):
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # classic TIFF and BigTIFF
         return "TIFF"
     if head[:2] == b"BM":
         return "BMP"
     if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
         return "AVIF" if head[8:12] in (b"avif", b"avis") else "HEIF"
+    if head.startswith((b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")):  # JP2 box, J2K codestream
+        return "JPEG2000"
+    if head[:1] == b"P" and head[1:2] in (b"1", b"2", b"3", b"4", b"5", b"6") and head[2:3].isspace():
+        return "PPM"  # PBM, PGM, PPM (ASCII and binary)
+    if head[:6] == b"8BPS\x00\x01":  # Photoshop version 1 (PSB, version 2, Pillow cannot read)
+        return "PSD"
+    if head[:4] == b"\x00\x00\x01\x00" and head[4:6] != b"\x00\x00":  # Windows icon with at least one image
+        return "ICO"
+    if _is_tga(head):
+        return "TGA"
     return None
 
 
@@ -232,51 +280,56 @@ def _fast_jpeg(data: bytes, im: Image.Image, header: _Header, target: int) -> Im
     return rgb.transpose(method) if method is not None else rgb
 
 
+def _why(e: BaseException) -> str:
+    """An exception's text for a reason; never empty (some Pillow errors have no message)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def _open(data: bytes, max_pixels: int, draft_to: int | None) -> tuple[Image.Image, str, _Header]:
     """Open once: sniff, bomb-check, read the header, decode (JPEG at a reduced DCT scale), orient, RGB."""
     fmt = sniff_format(data[:32])
     if fmt is None:
-        raise ValueError("unsupported: not an image format we accept (content sniffed)")
+        raise DecodeError(PhotoStatus.UNSUPPORTED, "not an image format we accept (content sniffed)")
     if fmt in ("HEIF", "AVIF") and not HEIF_AVAILABLE:
-        raise ValueError("unsupported: HEIC/AVIF support (pillow-heif) is not installed")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ValueError(f"failed: decompression bomb ({w}x{h} exceeds the {max_pixels}-pixel limit)")
-            header = _header(im)
-            if fmt == "JPEG" and draft_to:
-                fast = _fast_jpeg(data, im, header, draft_to) if _FAST_JPEG else None
-                if fast is not None:
-                    return fast, fmt, header
-                im.draft("RGB", (draft_to, draft_to))
-            im.seek(0)  # first frame of animations
-            im.load()
-            oriented = ImageOps.exif_transpose(im)
-            return to_rgb(oriented if oriented is not None else im), fmt, header
-    except ValueError:
+        raise DecodeError(PhotoStatus.UNSUPPORTED, "HEIC/AVIF support (pillow-heif) is not installed")
+    try:  # inside collect_messages: Pillow's DecompressionBombWarning is raised as an error
+        im = Image.open(io.BytesIO(data), formats=_PIL_FORMATS.get(fmt, [fmt]))
+        fmt = "MPO" if im.format == "MPO" else fmt
+        w, h = im.size
+        if w * h > max_pixels:
+            limit = f"decompression bomb ({w}x{h} exceeds the {max_pixels}-pixel limit)"
+            raise DecodeError(PhotoStatus.FAILED, limit)
+        header = _header(im)
+        if fmt in ("JPEG", "MPO") and draft_to:
+            fast = _fast_jpeg(data, im, header, draft_to) if _FAST_JPEG else None
+            if fast is not None:
+                return fast, fmt, header
+            im.draft("RGB", (draft_to, draft_to))
+        if fmt != "PSD":  # first frame of animations; a PSD opens on its composite (layers are frames 1..n)
+            im.seek(0)
+        im.load()
+        oriented = ImageOps.exif_transpose(im)
+        return to_rgb(oriented if oriented is not None else im), fmt, header
+    except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ValueError(f"failed: decompression bomb ({e})") from e
+        raise DecodeError(PhotoStatus.FAILED, f"decompression bomb ({_why(e)})") from e
     except UnidentifiedImageError as e:
-        raise ValueError(f"failed: cannot identify image ({fmt} header but unreadable)") from e
-    except (OSError, SyntaxError, EOFError, IndexError, TypeError) as e:
-        msg = str(e) or type(e).__name__
-        raise ValueError(f"failed: corrupt or truncated {fmt} ({msg})") from e
+        raise DecodeError(PhotoStatus.FAILED, f"cannot identify image ({fmt} header but unreadable)") from e
+    except (OSError, SyntaxError, EOFError, IndexError, TypeError, ValueError, KeyError, ZeroDivisionError) as e:
+        raise DecodeError(PhotoStatus.FAILED, f"corrupt or truncated {fmt} ({_why(e)})") from e
 
 
 def open_image(data: bytes, max_pixels: int, draft_to: int | None = None) -> tuple[Image.Image, str]:
-    """Open, bomb-check, orient and convert to RGB. Raises ValueError with a readable reason on bad input."""
-    im, fmt, _ = _open(data, max_pixels, draft_to)
+    """Open, bomb-check, orient and convert to RGB. Raises DecodeError (a ValueError) with a reason on bad input."""
+    with collect_messages() as messages:
+        im, fmt, _ = _open(data, max_pixels, draft_to)
+    for text in messages:
+        log.debug("decoder: %s", text)
     return im, fmt
 
 
-def decode_bytes(
-    data: bytes, spec: PreprocessSpec, max_pixels: int = 100_000_000, reuse_hashes: frozenset[str] = frozenset()
-) -> DecodeResult:
-    """Decode one file's bytes into model input plus catalog metadata; never raises on bad input."""
+def _decode(data: bytes, spec: PreprocessSpec, max_pixels: int, reuse_hashes: frozenset[str]) -> DecodeResult:
     if not data:
         return DecodeResult(PhotoStatus.EMPTY, "zero-byte file")
     digest = content_hash(data)
@@ -285,14 +338,35 @@ def decode_bytes(
     try:
         im, fmt, head = _open(data, max_pixels, draft_to=spec.size)
         pixels = preprocess(im, spec)
-    except ValueError as e:
-        status, _, reason = str(e).partition(": ")
-        status = PhotoStatus.UNSUPPORTED if status == PhotoStatus.UNSUPPORTED else PhotoStatus.FAILED
-        return DecodeResult(status, reason, content_hash=digest)
-    except Exception as e:  # a decoder bug must not stop the run
-        return DecodeResult(PhotoStatus.FAILED, f"decoder error: {type(e).__name__}: {e}", content_hash=digest)
+    except DecodeError as e:
+        return DecodeResult(e.status, e.reason, content_hash=digest)
+    except Exception as e:  # noqa: BLE001 - a decoder bug must not stop the run
+        return DecodeResult(PhotoStatus.FAILED, f"decoder error: {type(e).__name__}: {_why(e)}", content_hash=digest)
     return DecodeResult(PhotoStatus.INDEXED, None, digest, pixels, head.width, head.height, head.taken_at,
                         head.camera_make, head.camera_model, fmt)
+
+
+def decode_bytes(
+    data: bytes,
+    spec: PreprocessSpec,
+    max_pixels: int = 100_000_000,
+    reuse_hashes: frozenset[str] = frozenset(),
+    *,
+    source: str = "<bytes>",
+) -> DecodeResult:
+    """Decode one file's bytes into model input plus catalog metadata; never raises on bad input.
+
+    Whatever the decoders say on the way (Python warnings, Pillow log records, libtiff's stderr lines) is logged
+    at DEBUG under `source` and counted in `warnings`, so that a run shows one total instead of a flood.
+    """
+    with collect_messages() as collected:
+        result = _decode(data, spec, max_pixels, reuse_hashes)
+    if not collected:
+        return result
+    messages = list(dict.fromkeys(collected))  # Pillow reads some headers twice: one message per cause
+    for text in messages:
+        log.debug("%s: %s", source, text)
+    return replace(result, warnings=len(messages), warning_messages=tuple(messages[:MAX_KEPT_MESSAGES]))
 
 
 def decode_file(
@@ -306,8 +380,9 @@ def decode_file(
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        return DecodeResult(PhotoStatus.FAILED, f"unreadable: {e.strerror or e}")
-    return decode_bytes(data, spec, max_pixels, reuse_hashes)
+        return DecodeResult(PhotoStatus.FAILED, f"unreadable: {e.strerror or _why(e)}")
+    name = path if isinstance(path, bytes) else os.fsencode(path)  # any file name, printable in any log file
+    return decode_bytes(data, spec, max_pixels, reuse_hashes, source=name.decode("utf-8", "backslashreplace"))
 
 
 def load_display_image(path: str | bytes | Path, max_side: int, max_pixels: int = 100_000_000) -> Image.Image:

@@ -230,7 +230,8 @@ class TorchEncoder:
         if len(pixels) == 0:
             return np.zeros((0, self.space.dim), np.float32)
         with torch.inference_mode(), self._autocast():
-            x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
+            pixels = np.require(pixels, requirements=["C_CONTIGUOUS", "WRITEABLE"])  # a decoded upload is read-only
+            x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
             x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self._mean).div_(self._std)
             return self._finish(self.model.encode_image(x))
 
