@@ -45,3 +45,15 @@ class BadImage(ClipsearchError):
 
 class EmptyLibrary(ClipsearchError):
     """A query against a catalog with no indexed photos in the current embedding space."""
+
+
+class ClusterError(ClipsearchError):
+    """The Ray engine cannot run: Ray is not installed (`pip install clipsearch[ray]`), the cluster address is
+    unreachable, or the cluster failed the job (committed batches stay; a re-run completes it)."""
+
+
+class LibraryBusy(ClipsearchError):
+    """Another writer (a `clipsearch index` run) holds this library's writer lock; the message names it (pid, since
+    when). Exit code 4, not 3: nothing is wrong with the library, so a script can wait and retry."""
+
+    exit_code = 4

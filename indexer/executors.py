@@ -23,7 +23,7 @@ import numpy as np
 
 from clipsearch.indexer.ingest.cores import usable_cores
 from clipsearch.indexer.ingest.decode import DecodeResult, PreprocessSpec, decode_file
-from clipsearch.indexer.ingest.workers import decode_task, init_worker
+from clipsearch.indexer.ingest.workers import decode_task, init_worker, sigint_held_off
 from clipsearch.indexer.model.protocol import Encoder
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,8 @@ class LocalExecutor:
 
             def refill(n: int) -> None:
                 for nxt in itertools.islice(it, n):
-                    pending.append((nxt, pool.submit(decode_task, nxt.path, nxt.allow_reuse)))
+                    with sigint_held_off():  # a Ctrl-C while a worker starts must not break the pool
+                        pending.append((nxt, pool.submit(decode_task, nxt.path, nxt.allow_reuse)))
 
             refill(window)
             while pending:
