@@ -18,8 +18,7 @@ from clipsearch.indexer.errors import UsageError
 from clipsearch.indexer.ingest.decode import decode_file
 from clipsearch.indexer.model.datasets import image_folder_classes, load_caption_pairs
 
-from .vocab import default_templates
-from .zeroshot import ensemble
+from .zeroshot import LabelVectors
 
 KS = (1, 5, 10)
 
@@ -76,31 +75,49 @@ def _recall(ids: np.ndarray, correct: list[set[int]]) -> dict[str, float]:
             for k in KS}
 
 
-def evaluate(root: Path, encoder: Any, captions: str | None = None, templates: list[str] | None = None) -> dict:
-    """Every evaluation whose layout is present under `root`; sections absent when their layout is absent."""
+def evaluate(root: Path, encoder: Any, captions: str | None = None, templates: list[str] | None = None,
+             relevance: bool = True) -> dict:
+    """Every evaluation whose layout is present under `root`; sections absent when their layout is absent.
+    Each image is embedded once and shared by the sections."""
     result: dict[str, Any] = {}
     cap_file = captions or next((n for n in ("captions.txt", "captions.csv", "captions.jsonl",
                                              "dataset_flickr30k.json", "dataset_coco.json") if (root / n).is_file()),
                                 None)
-    if cap_file:
-        rs = build_retrieval_set(load_caption_pairs(root, cap_file))
-        img = _embed_images(encoder, rs.images)
+    pairs = load_caption_pairs(root, cap_file) if cap_file else {}
+    classes = image_folder_classes(root)
+    paths = sorted(set(pairs) | {p for files in classes.values() for p in files})
+    if not paths:
+        raise UsageError(f"{root} has neither a caption file nor class folders to evaluate")
+    vecs = _embed_images(encoder, paths)
+    row = {p: i for i, p in enumerate(paths)}
+    if pairs:
+        rs = build_retrieval_set(pairs)
+        img = vecs[[row[p] for p in rs.images]]
         txt = encoder.encode_texts(rs.texts)
         result["text_to_image"] = _recall(_search(img, txt, max(KS)), rs.text_to_images)
         result["image_to_text"] = _recall(_search(txt, img, max(KS)), rs.image_to_texts)
         result["retrieval_info"] = {"images": len(rs.images), "captions": len(rs.texts),
                                     "shared_captions": sum(1 for s in rs.text_to_images if len(s) > 1)}
-    classes = image_folder_classes(root)
     if classes:
         names = list(classes)
-        paths = [p for n in names for p in classes[n]]
+        members = [row[p] for n in names for p in classes[n]]
         truth = np.array([i for i, n in enumerate(names) for _ in classes[n]])
-        tmpl = templates or getattr(encoder, "default_templates", lambda: None)() or default_templates()
-        scores = _embed_images(encoder, paths) @ ensemble(encoder.encode_texts, names, tmpl).T
+        label_vectors = LabelVectors(encoder)  # the product's label path: same templates, same ensembling
+        scores = vecs[members] @ label_vectors(names, templates or label_vectors.default_templates()).T
         order = np.argsort(-scores, axis=1)
         result["zero_shot"] = {"top1": float(np.mean(order[:, 0] == truth)),
                                "top5": float(np.mean((order[:, :5] == truth[:, None]).any(axis=1))),
-                               "classes": len(names), "images": len(paths)}
-    if not result:
-        raise UsageError(f"{root} has neither a caption file nor class folders to evaluate")
+                               "classes": len(names), "images": len(members)}
+        if relevance:
+            result["relevance"] = _relevance(encoder, vecs, classes, pairs, row)
     return result
+
+
+def _relevance(encoder: Any, vecs: np.ndarray, classes: dict[str, list[Path]], pairs: dict[Path, list[str]],
+               row: dict[Path, int]) -> dict[str, Any]:
+    """The strong-match figures (search/relevance_eval.py) with the product's calibration for this model."""
+    from .relevance import Relevance, vocab_for
+    from .relevance_eval import present_queries, relevance_report
+
+    rel = Relevance(encoder, vocab_for(encoder), LabelVectors(encoder))
+    return relevance_report(rel, encoder.encode_texts, vecs, present_queries(classes, pairs, row))

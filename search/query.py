@@ -7,7 +7,9 @@ Syntax (CLI, API and UI alike)::
     dog on a beach at sunset            no quotes, no operators: one plain text term
 
 A term is a quoted text, an image path, or ``#ID`` / ``id:ID`` for an indexed photo; an optional ``W:`` prefix
-(inside or before the quotes) weights it. Terms are joined by ``+`` or ``-``.
+(inside or before the quotes) weights it. Terms are joined by ``+`` or ``-``. Front ends that must not touch
+the server's files (the UI, the query server) parse with ``allow_files=False``: an image term is then refused
+before any path is looked at, so the answer never says whether a file exists.
 """
 
 from __future__ import annotations
@@ -62,7 +64,11 @@ def _tokens(query: str) -> list[tuple[str, bool]]:
     return out
 
 
-def parse_query(query: str) -> list[Term]:
+FILES_REFUSED = ("image files on the server cannot be used in a query here: quote text terms (\"dog\"), use "
+                 "#ID for a catalogued photo, or upload an image on the Image page")
+
+
+def parse_query(query: str, allow_files: bool = True) -> list[Term]:
     """Parse a query into weighted terms; a plain sentence is one text term of weight 1."""
     query = query.strip()
     if not query:
@@ -88,6 +94,8 @@ def parse_query(query: str) -> list[Term]:
             terms.append(Term("text", body, sign * weight))
         elif _ID.match(body):
             terms.append(Term("photo", _ID.match(body).group(1), sign * weight))  # type: ignore[union-attr]
+        elif not allow_files:
+            raise UsageError(f"'{body}': {FILES_REFUSED}")
         else:
             path = os.path.expanduser(body)
             if not os.path.isfile(path):

@@ -9,7 +9,8 @@ from typing import Any
 
 @dataclass(frozen=True)
 class SearchHit:
-    """One photo in a ranking. `score` is cosine similarity; `z` is how unusual it is for this query."""
+    """One photo in a ranking. `score` is cosine similarity; `z` is how unusual it is for this query; `relevance`
+    is the calibrated label (strong / possible / weak, search/relevance.py) for a text query, None for others."""
 
     id: int
     path: str
@@ -20,12 +21,17 @@ class SearchHit:
     height: int | None = None
     format: str | None = None
     tags: tuple[str, ...] = ()
+    relevance: str | None = None  # "strong" | "possible" | "weak" for a text query; None for image queries
+    confidence: float | None = None  # P(query | photo) against the query's contrasts, what `relevance` is cut from
+    rank: int = 0  # 1-based position in the whole ranking (offset included)
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly form (stable keys: id, path, score, z, date, width, height, format, tags)."""
+        """JSON-friendly form (stable keys: id, path, score, z, date, width, height, format, tags, relevance,
+        confidence, rank)."""
         d = asdict(self)
         d["date"] = self.date.isoformat() if self.date else None
         d["tags"], d["score"], d["z"] = list(self.tags), round(self.score, 6), round(self.z, 3)
+        d["confidence"] = None if self.confidence is None else round(self.confidence, 4)
         return d
 
 
@@ -37,7 +43,10 @@ class SearchPage:
     offset: int
     limit: int
     has_more: bool
-    strong_cutoff: float | None = None  # the score below which hits were dropped by --strong
+    strong_cutoff: float | None = None  # image queries: the score below which hits were dropped by --strong
+    counts: dict[str, int] | None = None  # text queries: photos per relevance label (strong, possible, weak)
+    counts_exact: bool = True  # False when the library was too large to label every candidate (counts are minima)
+    note: str | None = None  # why the labels are limited (words the model does not know), for the user
 
     def as_list(self) -> list[dict[str, Any]]:
         """The hits as dicts (what `--json` prints)."""

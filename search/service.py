@@ -5,7 +5,6 @@ Parts are passed in (catalog, store, encoder); `build_service(config)` wires the
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -21,8 +20,10 @@ from clipsearch.indexer.storage.filters import PhotoFilter, filter_ids
 from clipsearch.indexer.storage.store import VectorStore
 
 from .query import Term, parse_query
-from .results import LabelScore, SearchHit, SearchPage
-from .zeroshot import NEUTRAL_LABEL, ensemble, parse_labels
+from .relevance import LEVELS, STRONG, WEAK, Relevance, vocab_for
+from .results import Classification, LabelScore, SearchHit, SearchPage, TagPreview
+from .tagging import Tagger, export_tags, remove_tags, tags_document
+from .zeroshot import LabelVectors, parse_labels, parse_templates
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,15 @@ def image_ref(value: ImageRef) -> ImageRef:
 class SearchOptions:
     """Relevance and paging policy."""
 
-    strong_z: float = 3.0  # --strong keeps hits at least this many robust sigmas above the library median
+    strong_z: float = 3.0  # image queries: --strong keeps hits this many robust sigmas above the library median
     strong_margin: float = 0.5  # ...and within this fraction of (best - mean) of the best hit
     date_pool: int = 200  # sort=date reorders this many most relevant candidates (or all strong ones)
     calib_sample: int = 4096  # library vectors sampled to calibrate z-scores per query
     max_k: int = 10_000  # largest page a single call returns
     tie_slack: int = 32  # extra candidates fetched so that equal scores at a page boundary order stably
+    allow_files: bool = True  # image terms/refs may name files on this machine; False in the UI and the server
+    relevance_pool: int = 256  # text queries: candidates labelled strong/possible/weak at first (grows as needed)
+    relevance_max: int = 20_000  # ...at most this many; past it the counts are minima (SearchPage.counts_exact)
 
 
 def _robust_location_scale(scores: np.ndarray) -> tuple[float, float]:
@@ -67,8 +71,10 @@ class SearchService:
         self.cache_dir = cache_dir
         self.tags = TagStore(catalog)
         self.texts = TextCollections(catalog)
+        self.label_vectors = LabelVectors(encoder, cache_dir)
+        self.relevance = Relevance(encoder, vocab_for(encoder), self.label_vectors)
+        self.tagger = Tagger(encoder, catalog, store, self.tags, self.label_vectors, self.space)
         self._calib: dict[str, tuple[int, np.ndarray]] = {}
-        self._label_cache: dict[str, np.ndarray] = {}
         self._text_index: dict[tuple[str, int], Any] = {}
         self._space_id: int | None = None
 
@@ -86,6 +92,20 @@ class SearchService:
         return info
 
     # --- query vectors -------------------------------------------------------------------------------------------
+    def _no_files(self, what: str) -> UsageError:
+        return UsageError(f"{what} cannot name a file on the server here: upload the image, or give a catalogued "
+                          "photo as #ID")
+
+    def image_ref(self, value: ImageRef) -> ImageRef:
+        """`image_ref`, except that where files are not allowed a string can only be a photo id (``12``, ``#12``):
+        the answer never depends on what exists on this machine."""
+        if isinstance(value, str) and not self.options.allow_files:
+            digits = value.strip().removeprefix("#")
+            if not digits.isdigit():
+                raise self._no_files("an image")
+            return int(digits)
+        return image_ref(value)
+
     def image_vector(self, ref: ImageRef) -> np.ndarray:
         """(D,) embedding of an indexed photo (stored, not recomputed), an image file, or raw bytes."""
         if isinstance(ref, int):
@@ -95,6 +115,8 @@ class SearchService:
             return vec
         if isinstance(ref, bytes | bytearray):
             return self.encoder.encode_image_bytes(bytes(ref))[0]
+        if not self.options.allow_files:
+            raise self._no_files("an image")
         try:
             with open(ref, "rb") as f:
                 data = f.read()
@@ -119,6 +141,13 @@ class SearchService:
             raise UsageError("the query terms cancel out")
         return total / norm
 
+    def check_k(self, k: int, offset: int = 0) -> None:
+        """The page size and offset every ranking call accepts (the CLI checks the same values)."""
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= self.options.max_k:
+            raise UsageError(f"k must be between 1 and {self.options.max_k}, got {k}")
+        if isinstance(offset, bool) or not isinstance(offset, int | np.integer) or offset < 0:
+            raise UsageError(f"offset must be 0 or more, got {offset}")
+
     # --- ranking -------------------------------------------------------------------------------------------------
     def _calibration(self, space: SpaceInfo) -> np.ndarray:
         cached = self._calib.get(space.key)
@@ -129,10 +158,12 @@ class SearchService:
         return sample
 
     def rank(self, qvec: np.ndarray, k: int = 20, offset: int = 0, filters: PhotoFilter = PhotoFilter(),
-             strong: bool = False, sort: str = "relevance", exclude: set[int] | None = None) -> SearchPage:
-        """Rank indexed photos against a query vector with filters, relevance cutoff, sorting and paging."""
-        if k < 1 or offset < 0 or k > self.options.max_k:
-            raise UsageError(f"-k must be 1..{self.options.max_k} and --offset >= 0")
+             strong: bool = False, sort: str = "relevance", exclude: set[int] | None = None,
+             text: str | None = None) -> SearchPage:
+        """Rank indexed photos against a query vector with filters, relevance cutoff, sorting and paging. With the
+        query's `text` every candidate gets a calibrated label (search/relevance.py) and `strong` keeps the strong
+        ones; without it (image queries) `strong` is the z-score cutoff of _z_cutoff."""
+        self.check_k(k, offset)
         if sort not in ("relevance", "date"):
             raise UsageError("sort must be 'relevance' or 'date'")
         space = self.space()
@@ -140,16 +171,18 @@ class SearchService:
         want = offset + k + 1 + len(exclude or ()) + self.options.tie_slack
         if sort == "date" or strong:
             want = max(want, self.options.date_pool)
-        ids, scores = self.store.search(space, qvec[None, :], want, allowed)[0]
-        sample = self._calibration(space) @ qvec
-        mu, sigma = _robust_location_scale(sample)
-        keep = [(int(i), float(s)) for i, s in zip(ids, scores, strict=True) if not exclude or int(i) not in exclude]
-        keep.sort(key=lambda p: (-round(p[1], 6), p[0]))  # ties (duplicate photos) in a stable order for paging
-        cutoff = None
-        if strong and keep:
-            best = keep[0][1]
-            cutoff = max(mu + self.options.strong_z * sigma, best - self.options.strong_margin * (best - mu))
-            keep = [(i, s) for i, s in keep if s >= cutoff]
+        mu, sigma = _robust_location_scale(self._calibration(space) @ qvec)
+        labelled = self._labelled(space, qvec, text, want, allowed, exclude) if text is not None else None
+        if labelled is not None:
+            keep, labels, page_info = labelled
+            if strong:
+                keep = [p for p in keep if labels[p[0]][0] == STRONG]
+            cutoff = None
+        else:
+            keep, labels, page_info = self._candidates(space, qvec, want, allowed, exclude), {}, {}
+            cutoff = self._z_cutoff(keep, mu, sigma) if strong and keep else None
+            if cutoff is not None:
+                keep = [(i, s) for i, s in keep if s >= cutoff]
         rows = self.catalog.photos_by_id([i for i, _ in keep])
         if sort == "date":
             keep.sort(key=lambda p: (rows[p[0]]["date"] is not None, rows[p[0]]["date"]), reverse=True)
@@ -157,57 +190,83 @@ class SearchService:
         tag_map = self.tags.tags_of([i for i, _ in page])
         hits = [
             SearchHit(i, rows[i]["path"], s, (s - mu) / sigma, rows[i]["date"], rows[i]["width"], rows[i]["height"],
-                      rows[i]["format"], tuple(tag_map.get(i, ())))
-            for i, s in page
+                      rows[i]["format"], tuple(tag_map.get(i, ())), *labels.get(i, (None, None)), offset + n + 1)
+            for n, (i, s) in enumerate(page)
         ]
-        more = len(keep) > offset + k
-        return SearchPage(hits, offset, k, more, cutoff)
+        return SearchPage(hits, offset, k, len(keep) > offset + k, cutoff, **page_info)
+
+    def _candidates(self, space: SpaceInfo, qvec: np.ndarray, want: int, allowed: np.ndarray | None,
+                    exclude: set[int] | None) -> list[tuple[int, float]]:
+        """The `want` best (id, score) pairs, ties (duplicate photos) in a stable order for paging."""
+        ids, scores = self.store.search(space, qvec[None, :], want, allowed)[0]
+        keep = [(int(i), float(s)) for i, s in zip(ids, scores, strict=True) if not exclude or int(i) not in exclude]
+        keep.sort(key=lambda p: (-round(p[1], 6), p[0]))
+        return keep
+
+    def _z_cutoff(self, keep: list[tuple[int, float]], mu: float, sigma: float) -> float:
+        """Image queries' strong cutoff: robust sigmas above the library median, near the best hit."""
+        best = keep[0][1]
+        return max(mu + self.options.strong_z * sigma, best - self.options.strong_margin * (best - mu))
+
+    def _labelled(self, space: SpaceInfo, qvec: np.ndarray, text: str, want: int, allowed: np.ndarray | None,
+                  exclude: set[int] | None) -> tuple[list[tuple[int, float]], dict[int, tuple[str, float]],
+                                                     dict[str, Any]]:
+        """Candidates with their relevance labels. The candidate pool grows until its last quarter holds no strong
+        or possible photo (or the whole library, or relevance_max), so that the counts and `--strong` see every
+        photo that could carry those labels, whatever the page size."""
+        pool = max(want, self.options.relevance_pool)
+        while True:
+            keep = self._candidates(space, qvec, pool, allowed, exclude)
+            vecs = self.catalog.vectors_for(space.id, [i for i, _ in keep])
+            keep = [p for p in keep if p[0] in vecs]
+            mat = np.stack([vecs[i] for i, _ in keep]) if keep else np.zeros((0, qvec.shape[0]), np.float32)
+            plan, probs, labels = self.relevance.label_photos(text, qvec, mat)
+            exhausted = len(keep) < pool - len(exclude or ())
+            tail = labels[len(labels) * 3 // 4:]
+            if exhausted or pool >= self.options.relevance_max or all(lab == WEAK for lab in tail):
+                break
+            pool = min(pool * 4, self.options.relevance_max)
+        counts = {lev: labels.count(lev) for lev in LEVELS}
+        exact = exhausted or all(lab == WEAK for lab in tail)
+        by_id = {i: (lab, float(p)) for (i, _), lab, p in zip(keep, labels, probs.tolist(), strict=True)}
+        return keep, by_id, {"counts": counts, "counts_exact": exact, "note": plan.note()}
 
     def search(self, query: str, k: int = 20, offset: int = 0, filters: PhotoFilter = PhotoFilter(),
                strong: bool = False, sort: str = "relevance") -> SearchPage:
-        """Text→image search; `query` may use the combined syntax (search/query.py)."""
-        return self.rank(self.query_vector(parse_query(query)), k, offset, filters, strong, sort)
-
-    search_text = search
+        """Text→image search; `query` may use the combined syntax (search/query.py). A plain text query (one
+        positive text term) gets calibrated relevance labels and counts; a combined one is ranked like an image."""
+        self.check_k(k, offset)
+        terms = parse_query(query, self.options.allow_files)
+        text = terms[0].value if len(terms) == 1 and terms[0].kind == "text" else None
+        return self.rank(self.query_vector(terms), k, offset, filters, strong, sort, text=text)
 
     def similar(self, ref: ImageRef, k: int = 20, offset: int = 0, filters: PhotoFilter = PhotoFilter(),
                 strong: bool = False, sort: str = "relevance") -> SearchPage:
         """Image→image: photos like an indexed photo id, an image file, or uploaded bytes (excluding itself)."""
-        ref = image_ref(ref)
+        self.check_k(k, offset)
+        ref = self.image_ref(ref)
         exclude = {ref} if isinstance(ref, int) else None
         return self.rank(self.image_vector(ref), k, offset, filters, strong, sort, exclude)
 
     # --- image → text --------------------------------------------------------------------------------------------
-    def label_vectors(self, names: list[str], templates: list[str] | None) -> np.ndarray:
-        """Label embeddings (prompt-ensembled when templates are given), cached in memory and on disk."""
-        key = hashlib.sha1(repr((self.encoder.space.key, names, templates)).encode()).hexdigest()
-        if key in self._label_cache:
-            return self._label_cache[key]
-        path = self.cache_dir / f"labels-{key}.npy" if self.cache_dir else None
-        if path and path.is_file():
-            vecs = np.load(path)
-        else:
-            vecs = ensemble(self.encoder.encode_texts, names, templates) if templates else \
-                self.encoder.encode_texts(names)
-            if path and len(names) * len(templates or [1]) >= 256:  # worth keeping across processes
-                path.parent.mkdir(parents=True, exist_ok=True)
-                np.save(path, vecs)
-        self._label_cache[key] = vecs
-        return vecs
-
     def describe(self, image: ImageRef, labels: str | list[str] | None = None, vocab: str | None = None,
-                 texts: str | None = None, k: int = 10, templates: list[str] | None = None) -> list[LabelScore]:
-        """Image→text: rank given labels/captions, a built-in vocabulary, or an indexed text collection."""
+                 texts: str | None = None, k: int = 10, templates: str | list[str] | None = None) -> list[LabelScore]:
+        """Image→text: rank given labels/captions (text or a list, never a file), a built-in vocabulary, or an
+        indexed text collection."""
         if sum(x is not None for x in (labels, vocab, texts)) != 1:
             raise UsageError("describe needs exactly one of labels, vocab or texts")
-        vec = self.image_vector(image)
+        self.check_k(k)
+        tmpl = parse_templates(templates)
+        names = [lab.name for lab in parse_labels(labels)] if labels is not None else None
+        vec = self.image_vector(self.image_ref(image))
         if texts is not None:
             return self._rank_collection(vec, texts, k)
         from .vocab import templates_for, vocabulary
 
-        names = vocabulary(vocab) if vocab is not None else [lab.name for lab in parse_labels(labels)]
-        tmpl = templates if templates is not None else (
-            self.default_templates() if len(names) <= 100 else templates_for(names))
+        if names is None:
+            names = vocabulary(str(vocab))
+        if tmpl is None:
+            tmpl = self.label_vectors.default_templates() if len(names) <= 100 else templates_for(names)
         scores = self.label_vectors(names, tmpl) @ vec
         order = np.argsort(-scores)[:k]
         return [LabelScore(names[i], float(scores[i])) for i in order]
@@ -229,26 +288,26 @@ class SearchService:
 
     def add_texts(self, path: str, name: str) -> int:
         """Embed a caption file (one text per line) once as a named collection of this model's space."""
+        if not self.options.allow_files:
+            raise self._no_files("a caption collection")
         try:
             with open(path, encoding="utf-8") as f:
                 lines = [line.strip() for line in f if line.strip()]
-        except OSError as e:
-            raise UsageError(f"cannot read {path}: {e.strerror or e}") from e
-        lines = list(dict.fromkeys(lines))
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
         if not lines:
             raise UsageError(f"{path} has no text lines")
-        return self.texts.replace(name, self.space(require_photos=False).id, lines, self.encoder.encode_texts(lines))
+        return self.add_text_lines(lines, name)
 
-    def default_templates(self) -> list[str]:
-        """The model folder's own prompt templates (templates.txt) if it has them, else CLIP's ImageNet ensemble."""
-        from .vocab import default_templates
-
-        own = getattr(self.encoder, "default_templates", lambda: None)()
-        return own or default_templates()
-
-    def neutral_vector(self, templates: list[str] | None) -> np.ndarray:
-        """The reference embedding multi-label probabilities are measured against."""
-        return self.label_vectors([NEUTRAL_LABEL], templates or self.default_templates())[0]
+    def add_text_lines(self, lines: list[str], name: str) -> int:
+        """Embed texts (blank and repeated ones dropped) once as a named collection of this model's space."""
+        lines = list(dict.fromkeys(s.strip() for s in lines if s and s.strip()))
+        if not lines:
+            raise UsageError("the text collection is empty")
+        if not name or not name.strip():
+            raise UsageError("the collection name is empty")
+        return self.texts.replace(name.strip(), self.space(require_photos=False).id, lines,
+                                  self.encoder.encode_texts(lines))
 
     # --- browsing ------------------------------------------------------------------------------------------------
     def thumbnail(self, photo_id: int, size: int = 320) -> bytes:
@@ -257,37 +316,47 @@ class SearchService:
 
         return thumbnail(self.catalog, (self.cache_dir or Path(".")) / "thumbs", photo_id, size)
 
-    # --- zero-shot (implemented in tagging.py; methods here so the API mirrors the CLI) --------------------------
-    def classify(self, images: list[ImageRef], labels: str | list[str], templates: str | None = None,
-                 multi_label: bool = False, threshold: float | None = None, k: int = 5) -> list:
-        """Zero-shot classify images; see search.tagging.classify."""
-        from .tagging import classify
-
-        return classify(self, images, labels, templates, multi_label, threshold, k)
+    # --- zero-shot (Tagger in tagging.py; methods here so the API mirrors the CLI) ------------------------------
+    def classify(self, images: list[ImageRef], labels: str | list[str], templates: str | list[str] | None = None,
+                 multi_label: bool = False, threshold: float | None = None, k: int = 5) -> list[Classification]:
+        """Zero-shot classify images (files, bytes or indexed ids): top-k labels with probabilities each.
+        Labels and templates are text or lists (see zeroshot.parse_labels), never file names."""
+        self.check_k(k)
+        if not images:
+            raise UsageError("no images to classify")
+        parse_labels(labels)  # a bad label list is reported before any image is decoded
+        refs = [self.image_ref(r) for r in images]
+        vecs = np.stack([self.image_vector(r) for r in refs])
+        sources = [f"#{r}" if isinstance(r, int) else ("<upload>" if isinstance(r, bytes | bytearray) else str(r))
+                   for r in refs]
+        return self.tagger.classify(vecs, sources, labels, templates, multi_label, threshold, k)
 
     def tag(self, labels: str | list[str], name: str | None = None, threshold: float | None = None,
             multi_label: bool = False, filters: PhotoFilter = PhotoFilter(), dry_run: bool = False,
-            templates: str | None = None, on_progress: Any = None) -> Any:
-        """Batch zero-shot tagging of the library; see search.tagging.tag_library."""
-        from .tagging import tag_library
-
-        return tag_library(self, labels, name, threshold, multi_label, filters, dry_run, templates,
-                           on_progress=on_progress)
+            templates: str | list[str] | None = None, on_progress: Any = None) -> TagPreview:
+        """Batch zero-shot tagging of the library; see Tagger.tag (every argument is checked before any write)."""
+        return self.tagger.tag(labels, name, threshold, multi_label, filters, dry_run, templates,
+                               on_progress=on_progress)
 
     def remove_tags(self, label_set: str) -> int:
-        """Undo a tagging run (every tag of the label set)."""
-        return self.tags.remove_set(label_set)
+        """Undo a tagging run (every tag of the label set); see tagging.remove_tags (no encoder needed)."""
+        return remove_tags(self.catalog, label_set)
 
     def export_tags(self, path: str, label_set: str | None = None) -> int:
-        """Export tags to .csv or .json."""
-        from .tagging import export_tags
+        """Export tags to .csv or .json; see tagging.export_tags (no encoder needed)."""
+        if not self.options.allow_files:
+            raise UsageError("tags cannot be written to a file on the server here: download them instead")
+        return export_tags(self.catalog, path, label_set)
 
-        return export_tags(self, path, label_set)
+    def tags_document(self, fmt: str, label_set: str | None = None) -> str:
+        """Tags as CSV or JSON text (what the UI offers for download), built in memory."""
+        return tags_document(self.catalog, fmt, label_set)[0]
 
 
-def build_service(config: Any) -> SearchService:
+def build_service(config: Any, options: SearchOptions | None = None) -> SearchService:
     """Wire the real catalog, store and encoder for a config (the CLI, the UI and the API all call this)."""
     from clipsearch.indexer.app import build_encoder, open_parts
 
     parts = open_parts(config)
-    return SearchService(parts.catalog, parts.store, build_encoder(config, parts.catalog), cache_dir=config.cache_dir)
+    return SearchService(parts.catalog, parts.store, build_encoder(config, parts.catalog), cache_dir=config.cache_dir,
+                         options=options or SearchOptions())

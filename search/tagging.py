@@ -1,17 +1,21 @@
-"""Zero-shot classification of images and batch tagging of the library from stored embeddings.
+"""Zero-shot classification of image vectors and batch tagging of the library from stored embeddings.
 
 Tagging is one matrix product per chunk of stored vectors against the ensembled label embeddings; no photo is
 decoded. A label set is written as a whole (replacing its previous run), so re-running is idempotent and
-`remove` undoes it.
+`remove_tags` undoes it. `Tagger` receives the parts it uses; export and removal are plain functions over the
+catalog, so `clipsearch tag --export/--remove` runs without loading a model (nothing here imports torch).
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
+import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,100 +23,137 @@ from threadpoolctl import threadpool_limits
 
 from clipsearch.indexer.errors import UsageError
 from clipsearch.indexer.ingest.cores import usable_cores
+from clipsearch.indexer.storage.annotations import TagStore
 from clipsearch.indexer.storage.filters import PhotoFilter, filter_ids
 
 from .results import Classification, LabelScore, TagPreview
-from .zeroshot import load_templates, multi_label_probs, parse_labels, single_label_probs, thresholds
+from .zeroshot import (
+    Label,
+    LabelVectors,
+    check_probability,
+    multi_label_probs,
+    parse_labels,
+    parse_templates,
+    single_label_probs,
+    thresholds,
+)
 
 if TYPE_CHECKING:
-    from .service import ImageRef, SearchService
+    from clipsearch.indexer.storage.catalog import Catalog, SpaceInfo
+    from clipsearch.indexer.storage.store import VectorStore
 
 DEFAULT_SET = "zeroshot"
+EXPORT_FORMATS = ("csv", "json")
 _BLOCK = 4096  # image rows per scoring block: 4096 x 1,000 labels of float32 is 16 MB
 
 
-def _probs(svc: SearchService, vecs: np.ndarray, labels: np.ndarray, multi: bool, tmpl: list[str]) -> np.ndarray:
-    scale = float(svc.encoder.logit_scale)
-    if multi:
-        return multi_label_probs(vecs, labels, svc.neutral_vector(tmpl), scale)
-    return single_label_probs(vecs, labels, scale)
-
-
-def classify(svc: SearchService, images: list[ImageRef], labels: str | list[str], templates: str | None = None,
-             multi_label: bool = False, threshold: float | None = None, k: int = 5) -> list[Classification]:
-    """Zero-shot classify images (files, bytes or indexed ids): top-k labels with probabilities each."""
-    if not images:
-        raise UsageError("no images to classify")
-    labs = parse_labels(labels)
-    names = [lab.name for lab in labs]
-    tmpl = load_templates(templates, svc.default_templates())
-    lvec = svc.label_vectors(names, tmpl)
-    vecs = np.stack([svc.image_vector(ref) for ref in images])
-    probs = _probs(svc, vecs, lvec, multi_label, tmpl)
-    thr = thresholds(labs, threshold if threshold is not None else (0.5 if multi_label else 0.0))
-    out = []
-    for ref, p in zip(images, probs, strict=True):
-        order = np.argsort(-p)
-        top = [LabelScore(names[i], float(p[i])) for i in order[: max(1, k)]]
-        if multi_label:
-            chosen = [names[i] for i in order if p[i] >= thr[i]]
-        else:
-            chosen = [names[order[0]]] if p[order[0]] >= thr[order[0]] else []
-        source = f"#{ref}" if isinstance(ref, int) else ("<upload>" if isinstance(ref, bytes) else str(ref))
-        out.append(Classification(source, top, chosen))
-    return out
-
-
-def tag_library(svc: SearchService, labels: str | list[str], name: str | None = None,
-                threshold: float | None = None, multi_label: bool = False, filters: PhotoFilter = PhotoFilter(),
-                dry_run: bool = False, templates: str | None = None, examples: int = 3,
-                on_progress: Any = None) -> TagPreview:
-    """Tag every indexed photo (or the filtered ones) with the labels that pass; preview with dry_run.
-
-    Vectors come from the space's memory-mapped index (validated against the catalog), are scored against the label
-    embeddings in chunks, and only the passing (photo, label, score) triples are kept, as arrays, and streamed to
-    the catalog while the next chunk is scored; examples are each label's strongest matches.
-    """
-    labs = parse_labels(labels)
-    names = [lab.name for lab in labs]
-    label_set = (name or DEFAULT_SET).strip()
+def label_set_name(name: str | None) -> str:
+    """The label set a run writes to (default 'zeroshot'); a blank name is refused rather than guessed."""
+    label_set = DEFAULT_SET if name is None else name.strip()
     if not label_set:
         raise UsageError("the label set name is empty")
-    tmpl = load_templates(templates, svc.default_templates())
-    space = svc.space()
-    svc.store.prefetch(space)  # the index comes off the disk while the labels encode
-    lvec = svc.label_vectors(names, tmpl)
-    thr = thresholds(labs, threshold if threshold is not None else 0.5)
-    neutral = svc.neutral_vector(tmpl) if multi_label else None
-    allowed = filter_ids(svc.catalog, space.id, filters)
-    total = len(allowed) if allowed is not None else int(svc.store.index_for(space).ntotal)
-    scale = float(svc.encoder.logit_scale)
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    considered = 0
-    # The catalog write streams beside the matrix products (a background writer, one transaction) rather than
-    # after them; a dry run only previews.
-    with (contextlib.nullcontext() if dry_run else svc.tags.writer(label_set, space.id, names) as writer,
-          threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(usable_cores(), thread_name_prefix="tag") as pool):
-        for ids, vecs in svc.store.iter_vectors(space, reuse=True):  # consumed before the next chunk
-            if allowed is not None:
-                mask = np.isin(ids, allowed)
-                ids, vecs = ids[mask], vecs[mask]
-            if len(ids):
-                rows, cols, probs = _score_blocks(pool.map, vecs, lvec, thr, scale, neutral)
-                parts.append((ids[rows], cols, probs))
-                if writer is not None:
-                    writer.add(*parts[-1])
-            considered += len(ids)
-            if on_progress:
-                on_progress(considered, total)
-    pids, cols, probs = _concat(parts)
-    counts = np.bincount(cols, minlength=len(names))
-    example_ids = _strongest(pids, cols, probs, len(names), examples)
-    paths = svc.catalog.photos_by_id([p for ids in example_ids.values() for p in ids])
-    example_paths = {names[c]: [paths[p]["path"] for p in ids] for c, ids in example_ids.items()}
-    written = 0 if writer is None else writer.written
-    return TagPreview(label_set, considered, {n: int(counts[i]) for i, n in enumerate(names)}, example_paths,
-                      written, dry_run)
+    if len(label_set) > 200:
+        raise UsageError("the label set name is longer than 200 characters")
+    return label_set
+
+
+class Tagger:
+    """Zero-shot classification and batch tagging. It receives what it uses: the encoder (for its logit scale),
+    the catalog, the vector store, the tag store, the label embeddings and a function giving the embedding space
+    (the service's, so that an empty library gets the service's one message)."""
+
+    def __init__(self, encoder: Any, catalog: Catalog, store: VectorStore, tags: TagStore, labels: LabelVectors,
+                 space: Callable[[], SpaceInfo]) -> None:
+        self.encoder, self.catalog, self.store, self.tags = encoder, catalog, store, tags
+        self.label_vectors, self.space = labels, space
+
+    def _labels(self, labels: str | list[str], templates: str | list[str] | None) -> tuple[list[Label], list[str]]:
+        labs = parse_labels(labels)
+        return labs, parse_templates(templates) or self.label_vectors.default_templates()
+
+    def _probs(self, vecs: np.ndarray, lvec: np.ndarray, multi: bool, tmpl: list[str]) -> np.ndarray:
+        scale = float(self.encoder.logit_scale)
+        if multi:
+            return multi_label_probs(vecs, lvec, self.label_vectors.neutral(tmpl), scale)
+        return single_label_probs(vecs, lvec, scale)
+
+    def classify(self, vecs: np.ndarray, sources: list[str], labels: str | list[str],
+                 templates: str | list[str] | None = None, multi_label: bool = False, threshold: float | None = None,
+                 k: int = 5) -> list[Classification]:
+        """Top-k labels with probabilities for each image vector (row of `vecs`, named by `sources`)."""
+        threshold = check_probability(threshold)
+        if len(vecs) == 0:
+            raise UsageError("no images to classify")
+        labs, tmpl = self._labels(labels, templates)
+        names = [lab.name for lab in labs]
+        probs = self._probs(vecs, self.label_vectors(names, tmpl), multi_label, tmpl)
+        thr = thresholds(labs, threshold if threshold is not None else (0.5 if multi_label else 0.0))
+        out = []
+        for source, p in zip(sources, probs, strict=True):
+            order = np.argsort(-p)
+            top = [LabelScore(names[i], float(p[i])) for i in order[: max(1, k)]]
+            if multi_label:
+                chosen = [names[i] for i in order if p[i] >= thr[i]]
+            else:
+                chosen = [names[order[0]]] if p[order[0]] >= thr[order[0]] else []
+            out.append(Classification(source, top, chosen))
+        return out
+
+    def tag(self, labels: str | list[str], name: str | None = None, threshold: float | None = None,
+            multi_label: bool = False, filters: PhotoFilter = PhotoFilter(), dry_run: bool = False,
+            templates: str | list[str] | None = None, examples: int = 3, on_progress: Any = None) -> TagPreview:
+        """Tag every indexed photo (or the filtered ones) with the labels that pass; preview with dry_run.
+
+        Every argument is checked before anything is read or written (an out-of-range threshold must not replace
+        a label set with nothing). Vectors come from the space's memory-mapped index, are scored against the label
+        embeddings in chunks, and only the passing (photo, label, score) triples are kept, as arrays, and streamed
+        to the catalog while the next chunk is scored; examples are each label's strongest matches.
+        """
+        threshold = check_probability(threshold)
+        label_set = label_set_name(name)
+        if examples < 0:
+            raise UsageError(f"examples must be 0 or more, got {examples}")
+        labs, tmpl = self._labels(labels, templates)
+        names = [lab.name for lab in labs]
+        space = self.space()
+        self.store.prefetch(space)  # the index comes off the disk while the labels encode
+        lvec = self.label_vectors(names, tmpl)
+        thr = thresholds(labs, threshold if threshold is not None else 0.5)
+        neutral = self.label_vectors.neutral(tmpl) if multi_label else None
+        allowed = filter_ids(self.catalog, space.id, filters)
+        total = len(allowed) if allowed is not None else int(self.store.index_for(space).ntotal)
+        scale = float(self.encoder.logit_scale)
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        considered = 0
+        # The catalog write streams beside the matrix products (a background writer, one transaction) rather than
+        # after them; a dry run only previews.
+        with (contextlib.nullcontext() if dry_run else self.tags.writer(label_set, space.id, names) as writer,
+              threadpool_limits(1, user_api="blas"),
+              ThreadPoolExecutor(usable_cores(), thread_name_prefix="tag") as pool):
+            for ids, vecs in self.store.iter_vectors(space, reuse=True):  # consumed before the next chunk
+                if allowed is not None:
+                    mask = np.isin(ids, allowed)
+                    ids, vecs = ids[mask], vecs[mask]
+                if len(ids):
+                    rows, cols, probs = _score_blocks(pool.map, vecs, lvec, thr, scale, neutral)
+                    parts.append((ids[rows], cols, probs))
+                    if writer is not None:
+                        writer.add(*parts[-1])
+                considered += len(ids)
+                if on_progress:
+                    on_progress(considered, total)
+        written = 0 if writer is None else writer.written
+        return self._preview(label_set, names, parts, considered, examples, written, dry_run)
+
+    def _preview(self, label_set: str, names: list[str], parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                 considered: int, examples: int, written: int, dry_run: bool) -> TagPreview:
+        pids, cols, probs = _concat(parts)
+        counts = np.bincount(cols, minlength=len(names))
+        example_ids = _strongest(pids, cols, probs, len(names), examples)
+        paths = self.catalog.photos_by_id([p for ids in example_ids.values() for p in ids])
+        example_paths = {names[c]: [paths[p]["path"] for p in ids] for c, ids in example_ids.items()}
+        return TagPreview(label_set, considered, {n: int(counts[i]) for i, n in enumerate(names)}, example_paths,
+                          written, dry_run)
 
 
 def _score_blocks(map_fn: Callable[..., Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]], vecs: np.ndarray,
@@ -179,18 +220,44 @@ def _strongest(pids: np.ndarray, cols: np.ndarray, probs: np.ndarray, n_labels: 
     return {c: pids[order[s:min(e, s + k)]].tolist() for c, (s, e) in enumerate(spans) if e > s}
 
 
-def export_tags(svc: SearchService, path: str, label_set: str | None = None) -> int:
-    """Write tags to CSV or JSON (by extension); returns the number of rows."""
-    rows = svc.tags.rows(label_set)
-    if path.lower().endswith(".json"):
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump([r.__dict__ for r in rows], f, indent=1, ensure_ascii=False)
-    elif path.lower().endswith(".csv"):
-        with open(path, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["photo_id", "path", "label_set", "label", "score"])
-            for r in rows:
-                w.writerow([r.photo_id, r.path, r.label_set, r.label, f"{r.score:.6f}"])
-    else:
+def _export_format(fmt_or_path: str) -> str:
+    fmt = fmt_or_path.lower().rpartition(".")[2]
+    if fmt not in EXPORT_FORMATS:
         raise UsageError("export to a .csv or .json file")
-    return len(rows)
+    return fmt
+
+
+def tags_document(catalog: Catalog, fmt: str, label_set: str | None = None) -> tuple[str, int]:
+    """Tags (all, or of one label set) as CSV or JSON text, and how many rows it holds: what export writes and
+    what the UI offers for download, built in memory (no temporary file)."""
+    fmt = _export_format(fmt)
+    rows = TagStore(catalog).rows(label_set)
+    if fmt == "json":
+        return json.dumps([asdict(r) for r in rows], indent=1, ensure_ascii=False), len(rows)
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["photo_id", "path", "label_set", "label", "score"])
+    for r in rows:
+        w.writerow([r.photo_id, r.path, r.label_set, r.label, f"{r.score:.6f}"])
+    return buf.getvalue(), len(rows)
+
+
+def export_tags(catalog: Catalog, path: str, label_set: str | None = None) -> int:
+    """Write tags to a .csv or .json file (format by extension); returns the number of rows. Needs no encoder.
+    The file appears whole or not at all (written beside it, then renamed)."""
+    text, n = tags_document(catalog, path, label_set)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from e
+    return n
+
+
+def remove_tags(catalog: Catalog, label_set: str) -> int:
+    """Undo a tagging run: delete every tag of the label set; returns how many went. Needs no encoder."""
+    return TagStore(catalog).remove_set(label_set_name(label_set))

@@ -45,7 +45,7 @@ def test_errors_are_one_line_with_exit_codes(library, tmp_path) -> None:
     r = run("search", home=home)  # missing argument: argparse usage error
     assert r.returncode == 2
     r = run("search", "x", "--model", TINY, home=home)  # nothing indexed yet
-    assert r.returncode == 3 and "no photos are indexed" in r.stderr
+    assert r.returncode == 3 and f"nothing is indexed yet in {home}; run clipsearch index PATH" in r.stderr
 
 
 def test_demo_indexes_the_sample_library_and_serves_the_ui(tmp_path) -> None:

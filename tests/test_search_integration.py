@@ -135,3 +135,47 @@ def test_store_streams_the_catalogs_vectors_for_flat_and_ivf(tmp_path, exact_max
     reused = [(i.copy(), v.copy()) for i, v in store.iter_vectors(cat.space(sid), batch=700, reuse=True)]
     assert np.array_equal(np.concatenate([i for i, _ in reused]), ids)
     assert np.array_equal(np.concatenate([v for _, v in reused]), streamed)
+
+
+def test_tag_export_and_remove_run_without_a_model(indexed, tmp_path) -> None:
+    """What `clipsearch tag --export/--remove` calls works over the real catalog without importing torch or
+    open_clip (the Python twin of the unit test; the CLI will call these same functions)."""
+    import subprocess
+    import sys
+
+    _, home = indexed
+    assert j(run("tag", "--labels", "dog,cat", "--threshold", "0", "--name", "pets", "--json", home=home))["written"]
+    script = (
+        "import sys\n"
+        "from clipsearch.indexer.config import load_config\n"
+        "from clipsearch.indexer.storage.catalog import Catalog\n"
+        "from clipsearch.search.tagging import export_tags, remove_tags\n"
+        f"cat = Catalog(load_config(home={str(home)!r}).resolved_db_url)\n"
+        f"print(export_tags(cat, {str(tmp_path / 'tags.json')!r}, 'pets'), remove_tags(cat, 'pets'))\n"
+        "print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["8 8", "[]"]
+    assert len(json.loads((tmp_path / "tags.json").read_text())) == 8
+    assert j(run("search", "a photo", "--tag", "dog", "--json", home=home)) == []
+
+
+def test_an_uploaded_image_is_searched_without_warnings(library, tmp_path, tiny_encoder) -> None:
+    """An upload used to print torch's 'The given NumPy array is not writable' warning: the decoder hands over a
+    read-only array (np.asarray of a PIL image) that torch.from_numpy cannot share safely."""
+    import warnings
+
+    from clipsearch.indexer.config import AppConfig
+    from clipsearch.search.service import SearchOptions, SearchService
+
+    from .conftest import make_indexer
+
+    ix = make_indexer(AppConfig(home=tmp_path / "home", model="x"), tiny_encoder)
+    ix.run([library])
+    svc = SearchService(ix.catalog, ix.store, tiny_encoder, options=SearchOptions(allow_files=False))
+    upload = (library / "b/q.png").read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        page = svc.similar(upload, k=1)
+    assert page.hits[0].path.endswith("b/q.png")

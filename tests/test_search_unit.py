@@ -205,3 +205,166 @@ def test_tag_examples_are_each_labels_strongest_matches(tmp_path) -> None:
     (expect,) = svc.classify([1], "dog,car", k=2)  # photo id 1 is dogcar.jpg: tags hold classify's probability
     assert stored["/p/a/dogcar.jpg"][0] == expect.labels[0].label
     assert abs(stored["/p/a/dogcar.jpg"][1] - expect.labels[0].score) < 1e-5
+
+
+# --- labels and templates are text, never files (issue 12.1) ----------------------------------------------------
+def test_labels_are_text_never_a_file(svc, tmp_path) -> None:
+    from clipsearch.search.zeroshot import parse_labels
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOPSECRET\nother\n")
+    assert [lab.name for lab in parse_labels(str(secret))] == [str(secret)]  # a path is a label like any other
+    ranked = svc.describe(b"concept:cat", labels=str(secret), k=5)
+    assert [r.label for r in ranked] == [str(secret)]
+    (res,) = svc.classify([b"concept:cat"], f"{secret},cat", k=5)
+    assert {x.label for x in res.labels} == {str(secret), "cat"}
+
+
+def test_label_lists_are_cleaned_and_an_empty_one_is_one_line() -> None:
+    from clipsearch.search.zeroshot import parse_labels
+
+    assert [x.name for x in parse_labels("dog\n\n  cat \n# comment\ndog\n")] == ["dog", "cat"]
+    assert [x.name for x in parse_labels(" dog, ,cat,dog ,")] == ["dog", "cat"]
+    assert [x.name for x in parse_labels(["dog", "", " cat", "dog"])] == ["dog", "cat"]
+    assert parse_labels("a dog, sitting\nred car=0.7")[1].threshold == pytest.approx(0.7)  # lines keep commas
+    for empty in ("", " , ", "\n\n", [], ["  "]):
+        with pytest.raises(UsageError, match="^the label list is empty$"):
+            parse_labels(empty)
+    with pytest.raises(UsageError, match="between 0 and 1"):
+        parse_labels("dog=5,cat")
+
+
+def test_read_label_and_template_files_for_the_cli(tmp_path) -> None:
+    from clipsearch.search.zeroshot import read_label_file, read_template_file
+
+    (tmp_path / "l.txt").write_text("\ufeffdog\n\n# pets\ncat, sitting\n")
+    assert read_label_file(str(tmp_path / "l.txt")) == ["dog", "cat, sitting"]
+    (tmp_path / "t.txt").write_text("a photo of a {}.\n\n{} in the wild\n")
+    assert read_template_file(str(tmp_path / "t.txt")) == ["a photo of a {}.", "{} in the wild"]
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00x")
+    (tmp_path / "bad.txt").write_text("a {x} photo of {}\n")
+    cases = [(read_label_file, tmp_path / "missing.txt", "cannot read label file .*No such file"),
+             (read_label_file, tmp_path, "cannot read label file"),
+             (read_label_file, tmp_path / "bin.txt", "not UTF-8 text"),
+             (read_template_file, tmp_path / "missing.txt", "cannot read template file"),
+             (read_template_file, tmp_path / "bad.txt", "placeholder")]
+    for fn, path, message in cases:
+        with pytest.raises(UsageError, match=message) as err:
+            fn(str(path))
+        assert "\n" not in str(err.value)
+
+
+def test_templates_are_text_or_a_list(svc) -> None:
+    ranked = svc.describe(b"concept:cat", labels="cat,car", templates="a photo of a {}.\n{} on sand\n")
+    assert ranked[0].label == "cat"
+    assert svc.describe(b"concept:cat", labels="cat,car", templates=["{}"])[0].label == "cat"
+    for bad in ("no slot here", ["{} and {}"], ["{0} {name}"], []):
+        with pytest.raises(UsageError, match="template"):
+            svc.classify([b"concept:cat"], "cat,car", templates=bad)
+
+
+# --- ranges checked in the service (issue 12.2) ------------------------------------------------------------------
+def test_out_of_range_threshold_raises_before_any_tag_is_touched(svc) -> None:
+    svc.tag("dog,cat,car", name="animals", threshold=0.0)
+    before = svc.tags.label_sets()
+    for bad in (5, 1.0001, -1, float("nan"), "high"):
+        with pytest.raises(UsageError, match="between 0 and 1"):
+            svc.tag("dog,cat", name="animals", threshold=bad)
+        with pytest.raises(UsageError, match="between 0 and 1"):
+            svc.classify([b"concept:dog"], "dog,cat", threshold=bad)
+    with pytest.raises(UsageError, match="between 0 and 1"):
+        svc.tag("dog=7,cat", name="animals")
+    with pytest.raises(UsageError, match="label set name is empty"):
+        svc.tag("dog,cat", name="  ")
+    with pytest.raises(UsageError, match="empty"):
+        svc.tag(" , ", name="animals")
+    assert svc.tags.label_sets() == before == {"animals": 40}
+
+
+def test_k_and_offset_are_checked_everywhere(svc) -> None:
+    calls = [lambda k, o: svc.search("dog", k=k, offset=o), lambda k, o: svc.similar(1, k=k, offset=o)]
+    for call in calls:
+        for k, o, message in ((0, 0, "k must be between 1 and"), (10_001, 0, "k must be"), (-3, 0, "k must be"),
+                              (5, -1, "offset must be 0 or more"), (2.5, 0, "k must be")):
+            with pytest.raises(UsageError, match=message):
+                call(k, o)
+    with pytest.raises(UsageError, match="k must be"):
+        svc.describe(b"concept:dog", labels="dog,cat", k=0)
+    with pytest.raises(UsageError, match="k must be"):
+        svc.classify([b"concept:dog"], "dog,cat", k=0)
+    assert len(svc.search("dog", k=10_000).hits) == len(PHOTOS)
+
+
+# --- front ends that must not read server files (allow_files=False) ---------------------------------------------
+def test_without_files_queries_and_images_never_touch_the_disk(tmp_path) -> None:
+    from clipsearch.search.query import parse_query
+    from clipsearch.search.service import SearchOptions
+
+    real = tmp_path / "real.jpg"
+    real.write_bytes(b"concept:dog")
+    assert parse_query(f'"cat" + {real}')[1].kind == "image"  # the CLI may name files
+    errors = []
+    for path in (real, tmp_path / "missing.jpg"):
+        with pytest.raises(UsageError, match="cannot be used in a query") as err:
+            parse_query(f'"cat" + {path}', allow_files=False)
+        errors.append(str(err.value).replace(str(path), "P"))
+    assert errors[0] == errors[1]  # the same answer whether the file exists or not
+    cat, store = populate(tmp_path, PHOTOS)
+    ui = SearchService(cat, store, FakeEncoder(), options=SearchOptions(allow_files=False))
+    with pytest.raises(UsageError, match="cannot be used in a query"):
+        ui.search(f'"dog" + {real}')
+    assert ui.search('"dog" - #1', k=3).hits  # catalogued photos by id stay allowed
+    assert ui.similar("#2", k=2).hits and ui.similar("2", k=2).hits
+    for call in (lambda: ui.similar(str(real)), lambda: ui.describe(str(real), labels="dog"),
+                 lambda: ui.classify([str(real)], "dog,cat"), lambda: ui.add_texts(str(real), "x"),
+                 lambda: ui.export_tags(str(tmp_path / "t.csv"))):
+        with pytest.raises(UsageError, match="server"):
+            call()
+    assert not (tmp_path / "t.csv").exists()
+
+
+# --- Tagger, export and removal ------------------------------------------------------------------------------------
+def test_tagger_works_from_its_parts_alone(tmp_path) -> None:
+    """The Tagger gets what it uses (no SearchService): tag, preview, classify vectors."""
+    from clipsearch.indexer.storage.annotations import TagStore
+    from clipsearch.search.tagging import Tagger
+    from clipsearch.search.zeroshot import LabelVectors
+
+    from .fakes import concept
+
+    cat, store = populate(tmp_path, PHOTOS)
+    enc = FakeEncoder()
+    sid = cat.ensure_space(enc.space.key, "fake", "fake", enc.space.dim)
+    tagger = Tagger(enc, cat, store, TagStore(cat), LabelVectors(enc), lambda: cat.space(sid))
+    done = tagger.tag("dog,cat,car", name="t")
+    assert done.counts == {"dog": 10, "cat": 5, "car": 25} and done.written == 40
+    (res,) = tagger.classify(concept("cat beach")[None], ["x"], ["dog", "cat"])
+    assert res.source == "x" and res.chosen == ["cat"]
+
+
+def test_tagging_module_does_not_import_the_service() -> None:
+    import ast
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parent.parent / "search" / "tagging.py"
+    imported = {n.module or "" for n in ast.walk(ast.parse(src.read_text())) if isinstance(n, ast.ImportFrom)}
+    assert not {m for m in imported if m.endswith("service")}
+
+
+def test_export_and_remove_need_no_encoder(svc, tmp_path) -> None:
+    from clipsearch.search.tagging import export_tags, remove_tags, tags_document
+
+    svc.tag("dog,cat,car", name="animals")
+    assert export_tags(svc.catalog, str(tmp_path / "t.csv"), "animals") == 40
+    assert len(list(csv.DictReader(open(tmp_path / "t.csv")))) == 40
+    text, n = tags_document(svc.catalog, "json", "animals")
+    assert n == 40 and len(json.loads(text)) == 40
+    assert svc.tags_document("csv").count("\n") == 41  # header + rows, built in memory
+    with pytest.raises(UsageError, match="cannot write .*No such file"):
+        export_tags(svc.catalog, str(tmp_path / "missing" / "t.csv"))
+    with pytest.raises(UsageError, match=r"\.csv or \.json"):
+        export_tags(svc.catalog, str(tmp_path / "t.txt"))
+    assert not list(tmp_path.glob("**/*.tmp*")) and not (tmp_path / "t.txt").exists()
+    with pytest.raises(UsageError, match="empty"):
+        remove_tags(svc.catalog, " ")
+    assert remove_tags(svc.catalog, "animals") == 40 and svc.tags.label_sets() == {}

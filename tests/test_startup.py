@@ -23,7 +23,7 @@ def _probe(*args: str) -> dict:
 def test_reindex_of_an_unchanged_folder_never_loads_torch(library, tmp_path) -> None:
     home = str(tmp_path / "home")
     first = _probe("index", str(library), "--home", home, "--model", TINY, "--device", "cpu", "--no-progress")
-    assert first == {"rc": 0, "torch": True, "open_clip": True}  # the first run embeds, so it needs the model
+    assert first["rc"] == 0  # the first run embeds (with torch, or an ONNX export made earlier)
     again = _probe("index", str(library), "--home", home, "--model", TINY, "--device", "cpu", "--no-progress")
     assert again == {"rc": 0, "torch": False, "open_clip": False}
     implicit = _probe("index", str(library), "--home", home, "--no-progress")  # the library's model, unnamed

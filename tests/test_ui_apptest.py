@@ -14,18 +14,22 @@ pytestmark = pytest.mark.ui
 PAGES = Path(__file__).resolve().parent.parent / "ui" / "pages"
 
 
-@pytest.fixture(scope="module")
-def ui_home(tmp_path_factory, tiny_encoder):
+def make_ui_library(base: Path, encoder) -> tuple[Path, Path]:
+    """(home, photo folder) of an indexed library: 10 photos in a/ and b/ plus one file that is not an image."""
     from clipsearch.indexer.config import AppConfig
 
-    base = tmp_path_factory.mktemp("ui")
     lib = base / "photos"
     for i in range(10):
         make_photo(lib / ("a" if i < 6 else "b") / f"ph{i}.jpg", i)
     (lib / "b" / "broken.jpg").write_bytes(b"nope")
     cfg = AppConfig(home=base / "home", model=TINY, device="cpu")
-    make_indexer(cfg, tiny_encoder).run([lib])
+    make_indexer(cfg, encoder).run([lib])
     return cfg.home, lib
+
+
+@pytest.fixture(scope="module")
+def ui_home(tmp_path_factory, tiny_encoder):
+    return make_ui_library(tmp_path_factory.mktemp("ui"), tiny_encoder)
 
 
 @pytest.fixture()
@@ -94,7 +98,8 @@ def test_zeroshot_page_classify_tag_and_undo(page) -> None:
     assert at.error and "empty" in at.error[0].value
 
 
-def test_library_page_counts_failures_and_indexing(page, ui_home, tmp_path) -> None:
+def test_library_page_counts_failures_and_indexing(page, ui_home, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CLIPSEARCH_ROOTS", str(tmp_path))  # the UI indexes only under the roots it started with
     at = page("library")
     values = {m.label: m.value for m in at.metric}
     assert values["Indexed"] == "10" and values["Failed"] == "0" and values["Unsupported"] == "1"

@@ -1,7 +1,11 @@
-"""`clipsearch` command line: argument parsing, logging, and turning typed errors into exit codes.
+"""`clipsearch` command line: the parser built from the command registry, logging, signals, and typed errors turned
+into exit codes.
 
-Exit codes: 0 success (per-file failures are reported, not fatal), 2 usage, 3 fatal. Heavy imports (torch,
-faiss) happen inside the commands so `--help` is instant.
+Exit codes: 0 success (per-file failures are reported, not fatal), 2 usage, 3 fatal, 4 library busy, 130 stopped.
+Global options work before and after the command (`clipsearch --home H status` = `clipsearch status --home H`):
+the main parser defines them with their defaults, each command's parser again with `argparse.SUPPRESS`, so a value
+given after the command wins and an absent one leaves the main parser's. Heavy imports (torch, FAISS, SQLAlchemy)
+happen inside the commands, so `--help` and `--version` are instant.
 """
 
 from __future__ import annotations
@@ -11,15 +15,51 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
-DATE_HELP = "YYYY-MM-DD or ISO date-time"
+from clipsearch.indexer.config import DEFAULT_MODEL
+
+from .registry import Command, commands
+
+MODEL_DEFAULT = f"the model the library was indexed with, else {DEFAULT_MODEL}"
+
+
+class CliParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (plus one hint line for a missing argument), not the usage
+    block: a bad value says what is wrong with it and nothing else."""
+
+    def __init__(self, *args: Any, hint: str | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.hint = hint
+
+    def error(self, message: str) -> NoReturn:
+        text = f"{self.prog}: error: {message}\n"
+        if not message.startswith("argument "):  # a missing or unknown argument, not a bad value
+            text += f"{self.prog}: hint: {self.hint or f'see {self.prog} --help'}\n"
+        self.exit(2, text)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's true default, except where the help already says it or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        hidden = default is None or default is False or default == argparse.SUPPRESS or default == []
+        if hidden or "default" in text or not text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+_NOISY = ("huggingface_hub", "httpx", "urllib3", "faiss")  # loggers that narrate (faiss: which CPU build loaded)
 
 
 class _QuietThirdParty(logging.Filter):
-    """open_clip and huggingface_hub log through the root logger; we report their failures ourselves."""
+    """open_clip, huggingface_hub and faiss log through the root logger; we report their failures ourselves."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        noisy = "open_clip" in record.pathname or record.name.startswith(("huggingface_hub", "httpx", "urllib3"))
+        noisy = "open_clip" in record.pathname or record.name.startswith(_NOISY)
         return not noisy or record.levelno >= logging.CRITICAL
 
 
@@ -32,124 +72,136 @@ def _setup_logging(verbose: bool) -> None:
     root.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--home", type=Path, help="app data dir (default $CLIPSEARCH_HOME or the per-user data dir)")
-    p.add_argument("--db", help="SQLAlchemy catalog URL (default: SQLite in the home dir)")
-    p.add_argument("--model", help="model spec ARCH:WEIGHTS, a model folder, or 'demo' (default: the model the "
-                                   "library was indexed with, else ViT-B-32:laion2b_s34b_b79k)")
-    p.add_argument("--device", help="cuda, mps or cpu (default: best available)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+def add_global_options(p: argparse.ArgumentParser, suppress: bool, model_default: str | None = None) -> None:
+    """--home, --db, --model, --device, --backend, --json, -v: with their defaults on the main parser, with
+    SUPPRESS on a command's parser (so that, given after the command, they override; absent, they do not)."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    g = p.add_argument_group("global options (before or after the command)")
+    g.add_argument("--home", type=Path, default=default(None), metavar="DIR",
+                   help="app data dir: catalog, indexes, caches (default: $CLIPSEARCH_HOME, else the per-user data "
+                        "dir)")
+    g.add_argument("--db", default=default(None), metavar="URL",
+                   help="SQLAlchemy catalog URL, e.g. postgresql+psycopg://user@host/db (default: $CLIPSEARCH_DB, "
+                        "else SQLite in the home dir)")
+    g.add_argument("--model", default=default(None), metavar="SPEC",
+                   help="ARCH:WEIGHTS, a model folder, or 'demo' (default: $CLIPSEARCH_MODEL, else "
+                        f"{model_default or MODEL_DEFAULT})")
+    g.add_argument("--device", default=default(None), help="cuda, mps or cpu (default: $CLIPSEARCH_DEVICE, else the "
+                                                           "best available)")
+    g.add_argument("--backend", choices=["auto", "onnx", "torch"], default=default(None),
+                   help="encoder backend (default: $CLIPSEARCH_BACKEND, else auto: torch on CUDA, ONNX Runtime on CPU)")
+    g.add_argument("--json", action="store_true", default=default(False), help="machine-readable output")
+    g.add_argument("-v", "--verbose", action="store_true", default=default(False), help="log progress details")
 
 
-def _filters(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--folder", help="only photos under this folder")
-    p.add_argument("--after", help=f"only photos dated on/after ({DATE_HELP})")
-    p.add_argument("--before", help=f"only photos dated before ({DATE_HELP})")
-    p.add_argument("--tag", action="append", default=[], help="only photos with this tag (repeatable)")
-    p.add_argument("--format", action="append", default=[], dest="formats", help="only this file type, e.g. JPEG")
+def _epilog(cmd: Command) -> str | None:
+    return "examples:\n" + "\n".join(f"  {e}" for e in cmd.examples) if cmd.examples else None
 
 
-def _ranking(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-k", type=int, default=20, help="hits per page (default 20)")
-    p.add_argument("--offset", type=int, default=0, help="skip this many hits (pagination)")
-    p.add_argument("--strong", action="store_true", help="only strong matches (calibrated cutoff)")
-    p.add_argument("--sort", choices=["relevance", "date"], default="relevance")
-    _filters(p)
+def _add_command(sub: Any, cmd: Command) -> None:
+    p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, epilog=_epilog(cmd), hint=cmd.hint)
+    if cmd.arguments:
+        cmd.arguments(p)
+    p.set_defaults(_command=cmd)
+    _add_globals_below(p, cmd.model_default)
+
+
+def _add_globals_below(p: argparse.ArgumentParser, model_default: str | None) -> None:
+    """Global options on a command's parser and on any nested one (`clipsearch texts add ... --home H`)."""
+    add_global_options(p, suppress=True, model_default=model_default)
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for nested in dict.fromkeys(action.choices.values()):
+                _add_globals_below(nested, model_default)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full parser (also used by the README's command reference)."""
-    parser = argparse.ArgumentParser(prog="clipsearch", description="Search your photo library by meaning.")
+    """The full parser: global options, then one sub-parser per registered command, in registry order."""
+    from clipsearch import __version__
+
+    parser = CliParser(prog="clipsearch", description="Search your photo library by meaning.",
+                       epilog="examples:\n  clipsearch demo\n  clipsearch index ~/Pictures\n"
+                              '  clipsearch search "dog on a beach at sunset"\n\n'
+                              "`clipsearch COMMAND --help` shows a command's options, defaults and examples.")
+    parser.add_argument("--version", action="version", version=f"clipsearch {__version__}")
+    add_global_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("index", help="index photo folders (incremental)")
-    p.add_argument("paths", nargs="+", type=Path)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=None,
-                   help="decode worker processes (default: all cores; cores - 1 with a GPU)")
-    p.add_argument("--force", action="store_true", help="remove vanished files even if most of the library vanished")
-    p.add_argument("--follow-symlinks", action="store_true")
-    p.add_argument("--max-pixels", type=int, default=100_000_000, help="decompression-bomb limit")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--progress-file", type=Path, help="keep {done,total} JSON here (the UI polls it)")
-
-    sub.add_parser("status", help="counts, failures, embedding spaces, paths")
-    sub.add_parser("reindex", help="rebuild vector indexes from the catalog")
-
-    p = sub.add_parser("search", help="text→image search (combined queries: '\"2:dog\" + ./beach.jpg - \"snow\"')")
-    p.add_argument("query")
-    _ranking(p)
-    p = sub.add_parser("similar", help="photos similar to an image file or an indexed photo id")
-    p.add_argument("image", help="image path or photo id")
-    _ranking(p)
-
-    p = sub.add_parser("describe", help="image→text: rank labels, a vocabulary or a caption collection")
-    p.add_argument("image", help="image path or photo id")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--labels", help="FILE or L1,L2,...")
-    g.add_argument("--vocab", help="built-in vocabulary (imagenet)")
-    g.add_argument("--texts", help="name of a collection added with `clipsearch texts add`")
-    p.add_argument("-k", type=int, default=10)
-
-    p = sub.add_parser("classify", help="zero-shot classify images")
-    p.add_argument("images", nargs="+", help="image paths or photo ids")
-    p.add_argument("--labels", required=True, help="FILE or L1,L2,... (label=0.7 sets a per-label threshold)")
-    p.add_argument("--templates", help="file of prompt templates with {} (default: CLIP's ImageNet ensemble)")
-    p.add_argument("--multi-label", action="store_true")
-    p.add_argument("--threshold", type=float)
-    p.add_argument("-k", type=int, default=5)
-
-    p = sub.add_parser("tag", help="batch zero-shot tagging of the library")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--labels", help="FILE or L1,L2,...")
-    g.add_argument("--remove", metavar="SET", help="delete every tag of a label set (undo)")
-    g.add_argument("--export", metavar="FILE", help="export tags to FILE.csv or FILE.json")
-    p.add_argument("--name", help="label set name (default 'zeroshot')")
-    p.add_argument("--threshold", type=float, help="minimum probability (default 0.5)")
-    p.add_argument("--multi-label", action="store_true")
-    p.add_argument("--templates")
-    p.add_argument("--dry-run", action="store_true", help="preview counts and examples, write nothing")
-    _filters(p)
-
-    p = sub.add_parser("texts", help="caption collections for image→text")
-    tsub = p.add_subparsers(dest="texts_command", required=True)
-    ta = tsub.add_parser("add", help="embed a text file (one caption per line) once")
-    ta.add_argument("file")
-    ta.add_argument("--name", required=True)
-
-    from .commands_model import add_model_commands
-
-    add_model_commands(sub)
-    _common(ta)
-    for name, sp in sub.choices.items():
-        if name != "texts":  # its `add` sub-command carries the common flags
-            _common(sp)
+    for cmd in commands().values():
+        _add_command(sub, cmd)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `clipsearch` console script."""
-    args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+def _autocomplete(parser: argparse.ArgumentParser) -> None:
+    """Tab completion when argcomplete is installed and the shell is asking (`register-python-argcomplete
+    clipsearch`); otherwise nothing is imported."""
+    if "_ARGCOMPLETE" not in os.environ:
+        return
+    try:
+        import argcomplete
+    except ImportError:
+        return
+    argcomplete.autocomplete(parser)
+
+
+def _error_line(e: BaseException) -> str | None:
+    """One line for an environment failure outside our typed errors (a read-only home, a full disk, a catalog the
+    database refuses): no SQL text and no "internal error". None for anything else (a bug)."""
+    if isinstance(e, OSError):
+        return f"cannot use {e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e)
+    if type(e).__module__.startswith("sqlalchemy"):
+        orig = getattr(e, "orig", None)
+        text = str(orig if orig is not None else e).strip().splitlines()
+        return f"the catalog refused the operation: {text[0] if text else type(e).__name__}"
+    return None
+
+
+def run_command(cmd: Command, args: argparse.Namespace) -> int:
+    """Run a parsed command; typed errors become one line on stderr and their exit code."""
     from clipsearch.indexer.errors import ClipsearchError
 
-    from . import commands
+    if cmd.graceful_stop:
+        from clipsearch.indexer.stop import install_signal_handlers
 
+        install_signal_handlers()
     try:
-        return int(commands.dispatch(args) or 0)
+        return int(cmd.run(args) or 0)
     except ClipsearchError as e:
         print(f"clipsearch: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("clipsearch: interrupted (work committed so far is kept; re-run to resume)", file=sys.stderr)
         return 130
-    except Exception as e:  # a bug: one readable line, the traceback only on request
-        if os.environ.get("CLIPSEARCH_DEBUG"):
+    except BrokenPipeError:  # `clipsearch search ... | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as e:
+        from clipsearch.indexer.config import load_config
+
+        if load_config().debug:  # CLIPSEARCH_DEBUG=1: the traceback, for a bug report
             raise
-        print(f"clipsearch: internal error: {type(e).__name__}: {e} (set CLIPSEARCH_DEBUG=1 for details)",
-              file=sys.stderr)
+        line = _error_line(e)
+        if line is not None:
+            print(f"clipsearch: error: {line}", file=sys.stderr)
+        else:  # a bug: one readable line, the traceback only on request
+            print(f"clipsearch: internal error: {type(e).__name__}: {e} (set CLIPSEARCH_DEBUG=1 for details)",
+                  file=sys.stderr)
         return 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `clipsearch` console script; returns the exit code (argparse's exits included)."""
+    parser = build_parser()
+    _autocomplete(parser)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    _setup_logging(args.verbose)
+    sys.stdout.reconfigure(errors="replace")  # type: ignore[attr-defined]  # odd file names never crash output
+    return run_command(args._command, args)
 
 
 if __name__ == "__main__":

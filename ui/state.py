@@ -1,20 +1,29 @@
 """The one service per process: built by an `st.cache_resource` factory from the environment, never mutated by
-pages. Per-user state (query, offset, selections) lives in `st.session_state`."""
+pages. Per-user state (query, offset, selections) lives in `st.session_state`.
+
+The UI never reads a file on the server because of what a user typed: its service refuses file terms in queries
+and file paths as images (`allow_files=False`), labels come from a text box or an uploaded file, and indexing is
+limited to the roots the UI was started with (`clipsearch ui --roots DIR`).
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import streamlit as st
 
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "gif", "tif", "tiff", "bmp", "heic", "heif", "avif"]
+LABEL_FILE_TYPES = ["txt", "csv", "lst"]
 
 
 @st.cache_resource(show_spinner="Loading the model…")
 def _service(cfg: Any) -> Any:
-    from clipsearch.search import build_service
+    from clipsearch.search.service import SearchOptions, build_service
 
-    return build_service(cfg)
+    return build_service(cfg, SearchOptions(allow_files=False))
 
 
 def config() -> Any:
@@ -25,7 +34,7 @@ def config() -> Any:
 
 
 def service() -> Any:
-    """The process-wide SearchService for the configured home/catalog/model."""
+    """The process-wide SearchService for the configured home/catalog/model (server files refused)."""
     return _service(config())
 
 
@@ -39,6 +48,26 @@ def upload_bytes(upload: Any) -> bytes | None:
         st.error(f"That file is {len(data) / 1e6:.1f} MB; the limit is {limit / 1e6:.0f} MB.")
         return None
     return data
+
+
+def folder_under_roots(folder: str, roots: Iterable[Path]) -> Path:
+    """The real path of `folder` if it lies under one of `roots` (symlinks and `..` resolved first), else a
+    UsageError. The check comes before any look at the folder, so a refusal says nothing about what exists."""
+    from clipsearch.indexer.errors import UsageError
+
+    roots = [Path(os.path.realpath(r)) for r in roots]
+    if not roots:
+        raise UsageError("Indexing from the UI is off: start it with `clipsearch ui --roots DIR` to allow folders.")
+    shown = ", ".join(str(r) for r in roots)
+    raw = Path(folder.strip()).expanduser()
+    if not folder.strip() or not raw.is_absolute():
+        raise UsageError(f"Give the full path of a folder under: {shown}")
+    real = Path(os.path.realpath(raw))
+    if not any(real == r or real.is_relative_to(r) for r in roots):
+        raise UsageError(f"{folder.strip()} is outside the folders this UI may index ({shown}).")
+    if not real.is_dir():
+        raise UsageError(f"{folder.strip()} is not a folder.")
+    return real
 
 
 def show_error(e: Exception) -> None:

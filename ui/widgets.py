@@ -1,13 +1,41 @@
-"""Rendering shared by pages: the result grid with "more like this" and "describe" on every hit."""
+"""Rendering shared by pages: the result grid with "more like this" and "describe" on every hit, and the labels
+input (a text box or an uploaded file: never a path on the server)."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import streamlit as st
 
-from .state import show_error
+from .state import LABEL_FILE_TYPES, show_error
+
+
+@dataclass(frozen=True)
+class LabelsInput:
+    """What the user gave as labels: typed text, and an uploaded label file that wins when present."""
+
+    text: str
+    upload: Any = None
+
+    def value(self) -> str | list[str]:
+        """The labels to pass to the service (UsageError for an upload that is not UTF-8 text). Read when used, not
+        while a form is drawn, so a bad file becomes one message after the form."""
+        from clipsearch.search.zeroshot import label_lines
+
+        if self.upload is None:
+            return self.text
+        return label_lines(self.upload.getvalue(), self.upload.name)
+
+
+def labels_input(label: str, default: str, key: str) -> LabelsInput:
+    """A labels text box (a comma list) plus a label-file upload (one per line). What is typed is only ever
+    text: a path typed here is a label, never a file read on the server."""
+    text = st.text_input(label, default, key=key, help="Comma-separated; `dog=0.7` sets a label's own threshold.")
+    upload = st.file_uploader("…or upload a label file (one label per line)", type=LABEL_FILE_TYPES,
+                              key=f"{key}_file")
+    return LabelsInput(text, upload)
 
 
 def result_grid(svc: Any, page: Any, key: str, columns: int = 4) -> None:

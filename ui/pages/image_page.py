@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from clipsearch.ui.state import UPLOAD_TYPES, service, show_error, upload_bytes
-from clipsearch.ui.widgets import result_grid
+from clipsearch.ui.widgets import labels_input, result_grid
 
 st.title("Image")
 try:
@@ -21,8 +21,8 @@ try:
         source = st.radio("Rank texts from", ["labels", "vocabulary", "caption collection"], horizontal=True,
                           key="img_source")
         if source == "labels":
-            labels = st.text_input("Labels (comma-separated)", "dog, cat, beach, city, food", key="img_labels")
-            ranked = svc.describe(ref, labels=labels, k=10)
+            labels = labels_input("Labels (comma-separated)", "dog, cat, beach, city, food", key="img_labels")
+            ranked = svc.describe(ref, labels=labels.value(), k=10)
         elif source == "vocabulary":
             ranked = svc.describe(ref, vocab="imagenet", k=10)
         else:

@@ -1,7 +1,8 @@
 """Library page: counts, failures with reasons, embedding spaces; index a folder with live progress.
 
 Indexing runs as a separate `clipsearch index` process (outside the UI's cached objects); this page polls the
-progress file it writes. The search service notices the new index generation on its next query.
+progress file it writes. The search service notices the new index generation on its next query. Only folders
+under the roots the UI was started with (`clipsearch ui --roots DIR`) can be indexed from here.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 
 import streamlit as st
 
-from clipsearch.ui.state import config, show_error
+from clipsearch.ui.state import config, folder_under_roots, show_error
 
 st.title("Library")
 try:
@@ -31,17 +32,28 @@ try:
         st.dataframe([{"path": f["path"], "status": f["status"], "reason": f["reason"]} for f in data["failures"]])
 
     st.subheader("Index a folder")
-    folder = st.text_input("Folder on this machine", key="lib_folder")
     progress_file = cfg.home / "index-progress.json"
-    if st.button("Index", key="lib_index") and folder:
-        cmd = [sys.executable, "-m", "clipsearch", "index", folder, "--home", str(cfg.home), "--no-progress",
-               "--progress-file", str(progress_file)]
-        if cfg.model:
-            cmd += ["--model", cfg.model]
-        if cfg.db_url:
-            cmd += ["--db", cfg.db_url]
-        progress_file.unlink(missing_ok=True)
-        st.session_state["index_proc"] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if not cfg.roots:
+        st.info("Indexing from the UI is off. Start the UI with `clipsearch ui --roots DIR` to allow the folders "
+                "under DIR, or index with `clipsearch index DIR`.")
+    else:
+        st.caption("Folders under: " + ", ".join(f"`{r}`" for r in cfg.roots))
+        folder = st.text_input("Folder on this machine", str(cfg.roots[0]), key="lib_folder")
+        if st.button("Index", key="lib_index"):
+            try:
+                target = folder_under_roots(folder, cfg.roots)
+            except Exception as e:
+                show_error(e)
+            else:
+                cmd = [sys.executable, "-m", "clipsearch", "index", str(target), "--home", str(cfg.home),
+                       "--no-progress", "--progress-file", str(progress_file)]
+                if cfg.model:
+                    cmd += ["--model", cfg.model]
+                if cfg.db_url:
+                    cmd += ["--db", cfg.db_url]
+                progress_file.unlink(missing_ok=True)
+                st.session_state["index_proc"] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                                                                  stderr=subprocess.PIPE)
 
     @st.fragment(run_every=1.0)
     def _progress() -> None:

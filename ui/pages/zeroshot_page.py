@@ -1,13 +1,17 @@
-"""Zero-shot page: classify one image with labels (+ templates); batch-tag the library with preview and undo."""
+"""Zero-shot page: classify one image with labels (+ templates); batch-tag the library with preview and undo.
+
+Labels come from a text box or an uploaded file and templates from a text area, passed to the service as text:
+nothing typed here names a file on the server, and nothing is written to a temporary file.
+"""
 
 from __future__ import annotations
 
 import os
-import tempfile
 
 import streamlit as st
 
 from clipsearch.ui.state import UPLOAD_TYPES, service, show_error, upload_bytes
+from clipsearch.ui.widgets import labels_input
 
 st.title("Zero-shot")
 try:
@@ -15,7 +19,7 @@ try:
     st.subheader("Classify an image")
     upload = st.file_uploader("Image", type=UPLOAD_TYPES, key="zs_upload")
     photo_id = st.number_input("…or a catalogued photo id", min_value=0, value=0, step=1, key="zs_id")
-    labels = st.text_input("Labels", "circle, square, triangle, star, hexagon, cross", key="zs_labels")
+    labels = labels_input("Labels", "circle, square, triangle, star, hexagon, cross", key="zs_labels")
     templates = st.text_area("Prompt templates (one per line, with {}; empty = default ensemble)", key="zs_tmpl")
     multi = st.checkbox("Multi-label", key="zs_multi")
     if st.button("Classify", key="zs_go"):
@@ -23,19 +27,14 @@ try:
         if ref is None:
             st.warning("Upload an image or give a photo id.")
         else:
-            tmpl_path = None
-            if templates.strip():
-                fd, tmpl_path = tempfile.mkstemp(suffix=".txt")
-                with os.fdopen(fd, "w") as f:
-                    f.write(templates)
-            (res,) = svc.classify([ref], labels, tmpl_path, multi_label=multi, k=10)
+            (res,) = svc.classify([ref], labels.value(), templates or None, multi_label=multi, k=10)
             st.bar_chart({x.label: x.score for x in res.labels}, horizontal=True)
             st.success(f"Prediction: {', '.join(res.chosen) or 'none above threshold'}")
 
     st.divider()
     st.subheader("Tag the library")
     with st.form("tag_form"):
-        t_labels = st.text_input("Labels", key="tag_labels")
+        t_labels = labels_input("Labels", "", key="tag_labels")
         t_name = st.text_input("Label set name", "zeroshot", key="tag_name")
         t_thr = st.slider("Minimum probability", 0.0, 1.0, 0.5, key="tag_thr")
         t_multi = st.checkbox("Multi-label", key="tag_multi")
@@ -47,7 +46,7 @@ try:
         from clipsearch.indexer.storage.filters import PhotoFilter
 
         bar = st.progress(0.0, text="tagging…")
-        result = svc.tag(t_labels, t_name, t_thr, t_multi, PhotoFilter(folder=t_folder or None),
+        result = svc.tag(t_labels.value(), t_name, t_thr, t_multi, PhotoFilter(folder=t_folder or None),
                          dry_run=not do_apply,
                          on_progress=lambda done, total: bar.progress(min(1.0, done / max(1, total))))
         bar.progress(1.0, text="done")
@@ -63,11 +62,7 @@ try:
         if c2.button(f"Undo '{undo}'", key="tag_undo"):
             st.info(f"Removed {svc.remove_tags(undo)} tags of '{undo}'.")
         for fmt in ("csv", "json"):
-            fd, path = tempfile.mkstemp(suffix=f".{fmt}")
-            os.close(fd)
-            svc.export_tags(path)
-            st.download_button(f"Download tags ({fmt.upper()})", open(path, "rb").read(), f"tags.{fmt}",
-                               key=f"dl_{fmt}")
-            os.unlink(path)
+            st.download_button(f"Download tags ({fmt.upper()})", lambda fmt=fmt: svc.tags_document(fmt),
+                               f"tags.{fmt}", key=f"dl_{fmt}")
 except Exception as e:
     show_error(e)
