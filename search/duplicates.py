@@ -3,21 +3,23 @@ copies, for `clipsearch duplicates` and for stacking search results (search/stac
 
 Candidates come from two nearest-neighbour searches, never from comparing every pair:
 
-* the space's vector index (the photo's CLIP vector, kNN with a cosine floor; widened for a photo whose every
-  neighbour passes), which finds copies a strong model sees as one photo;
-* a FAISS index over the perceptual layout descriptors (indexer/ingest/phash.py), which finds them whatever the
-  model: a random-weight network ranks a brightened copy below a hundred photos of the same colour.
+* the photos' CLIP vectors in the space (k nearest with a cosine floor), which finds copies a strong model sees as
+  one photo;
+* the perceptual layout descriptors (indexer/ingest/phash.py), which find them whatever the model: a random-weight
+  network ranks a brightened copy below a hundred photos of the same colour.
 
-Every candidate pair is then confirmed at the pixel level: pHash Hamming distance (whole photo against the other's
-whole and 95 % crops) at most `phash_max` and aspect ratios within `aspect_max`. Two photos of one scene, or of the
-same kind of subject on the same background, differ there and stay apart. Confirmed pairs and exact copies are
+Both run as a blocked self-join (`knn_pairs`: k-means lists, a matrix product per list) rather than one index query
+per photo, which at a million photos is the difference between minutes and hours on two cores. Every candidate pair
+is then confirmed at the pixel level: pHash Hamming distance (whole photo against the other's whole and 95 % crops)
+at most `phash_max`, opponent colours on a 4x4 grid within `colour_max` and aspect ratios within `aspect_max`. Two
+photos of the same kind of subject on the same background differ there and stay apart (bench/duplicates.py); burst
+shots of one still scene can pass, as they would for a person glancing at them. Confirmed pairs and exact copies are
 joined with union-find. clipsearch never deletes anything: a group only suggests which member to keep.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -33,12 +35,11 @@ from clipsearch.indexer.status import PhotoStatus
 from clipsearch.indexer.storage.catalog import Catalog, SpaceInfo
 from clipsearch.indexer.storage.phash_store import SignatureStore
 from clipsearch.indexer.storage.schema import photos
-from clipsearch.indexer.storage.store import VectorStore
 
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.90  # CLIP cosine floor of a model candidate (bench/duplicates.py: demo and random weights)
-DEFAULT_PHASH_MAX = 10  # of 63 bits; copies measured <= 10, distinct photos of one kind mostly > 14 (bench)
+DEFAULT_PHASH_MAX = 6  # of 63 bits; copies measured mostly <= 4, distinct photos of one kind mostly >= 8 (bench)
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -47,12 +48,11 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 class DuplicateOptions:
     """How candidates are gathered and confirmed (the two thresholds are arguments of find_duplicate_groups)."""
 
-    neighbours: int = 8  # nearest neighbours asked of each index per photo
-    max_neighbours: int = 256  # widened up to this many where every neighbour passes the cosine floor
+    neighbours: int = 8  # nearest neighbours per photo and candidate source (copies link up through each other)
     layout_min: float = 0.5  # layout-descriptor cosine of a pixel candidate (loose: the hashes decide)
+    block: int = 700  # mean k-means list size of the blocked neighbour search (balances k-means against the joins)
     aspect_max: float = 0.07  # largest |log| change of aspect ratio (a 5 % crop of one side changes it by 0.05)
-    batch: int = 8192  # query rows per index search
-    exact_flat_max: int = 50_000  # up to this many photos the layout index is exact, above it IVF
+    colour_max: float = 10.0  # largest mean change of the opponent-colour grid, in 8-bit levels (copies <= ~10)
     workers: int = 1  # processes computing missing signatures (1: in this process)
 
 
@@ -168,74 +168,82 @@ def _pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.stack([keys >> 32, keys & 0xFFFFFFFF], axis=1) if len(keys) else np.zeros((0, 2), np.int64)
 
 
-def model_candidates(catalog: Catalog, store: VectorStore, space: SpaceInfo, threshold: float,
-                     options: DuplicateOptions, on_progress: Progress | None = None) -> np.ndarray:
-    """Id pairs whose CLIP vectors have cosine >= threshold: kNN on the space's index for every stored vector,
-    asking for more neighbours (x4, up to max_neighbours) only for rows whose every neighbour passed."""
-    left, right, done, total = [], [], 0, max(space.count, 0)
-    for ids, vecs in catalog.iter_vectors(space.id, batch=options.batch):
-        rows, k = np.arange(len(ids)), options.neighbours + 1
-        while len(rows):
-            widen = []
-            for r, (nids, scores) in zip(rows, store.search(space, vecs[rows], k), strict=True):
-                passed = scores >= threshold
-                left.append(np.full(int(passed.sum()), ids[r]))
-                right.append(nids[passed])
-                if passed.all() and len(nids) == k and k <= options.max_neighbours:
-                    widen.append(r)
-            rows, k = np.array(widen, dtype=np.int64), min(k * 4, options.max_neighbours + 1)
-        done += len(ids)
-        if on_progress:
-            on_progress("model", done, total or done)
+def _lists(x: np.ndarray, block: int, seed: int) -> list[np.ndarray]:
+    """Rows grouped by their two nearest k-means centroids (each row in two lists): a pair of near-copies shares
+    at least one list, so a self-join inside each list finds it. One list for a small set."""
+    import faiss
+
+    n, dim = x.shape
+    nlist = n // block
+    if nlist < 2:
+        return [np.arange(n)] if n > 1 else []
+    km = faiss.Kmeans(dim, nlist, niter=10, seed=seed, spherical=True, max_points_per_centroid=40)
+    km.train(x)
+    assign = np.concatenate([km.index.search(x[s : s + 65536], 2)[1] for s in range(0, n, 65536)])
+    rows = np.repeat(np.arange(n), 2)
+    order = np.argsort(assign.ravel(), kind="stable")
+    bounds = np.searchsorted(assign.ravel()[order], np.arange(nlist + 1))
+    return [rows[order[bounds[i] : bounds[i + 1]]] for i in range(nlist) if bounds[i + 1] - bounds[i] > 1]
+
+
+def knn_pairs(ids: np.ndarray, x: np.ndarray, k: int, min_score: float, block: int = 700, seed: int = 0,
+              stage: str = "model", on_progress: Progress | None = None) -> np.ndarray:
+    """Id pairs (a, b) where b is among a's k nearest neighbours by inner product and scores >= min_score.
+
+    A blocked self-join instead of one search per row: rows are split into k-means lists (`_lists`) and each list
+    is multiplied with itself (BLAS), so every vector is read once per list rather than once per query, which is
+    what made the per-query index search the bottleneck at a million photos (bench/duplicates.py). Only the lists
+    a vector belongs to are searched: a near-copy, not a vaguely similar photo, is what this is for."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    left, right = [], []
+    lists = _lists(x, block, seed)
+    for n_done, rows in enumerate(lists, 1):
+        members = x[rows]
+        kk = min(k, len(rows) - 1)
+        for start in range(0, len(rows), 2048):
+            scores = members[start : start + 2048] @ members.T
+            np.put_along_axis(scores, np.arange(start, start + len(scores))[:, None], -np.inf, axis=1)
+            top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+            ok = np.take_along_axis(scores, top, axis=1) >= min_score
+            q = np.broadcast_to(np.arange(start, start + len(scores))[:, None], top.shape)
+            left.append(ids[rows[q[ok]]])
+            right.append(ids[rows[top[ok]]])
+        if on_progress and (n_done % 64 == 0 or n_done == len(lists)):
+            on_progress(stage, n_done, len(lists))
     if not left:
         return np.zeros((0, 2), np.int64)
     return _pairs(np.concatenate(left), np.concatenate(right))
 
 
-def _layout_index(desc: np.ndarray, options: DuplicateOptions) -> Any:
-    import faiss
-
-    dim = desc.shape[1]
-    if len(desc) <= options.exact_flat_max:
-        index = faiss.IndexFlatIP(dim)
-    else:
-        nlist = int(min(65536, 4 * math.sqrt(len(desc))))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        pick = np.random.default_rng(0).choice(len(desc), size=min(len(desc), nlist * 40), replace=False)
-        index.train(desc[np.sort(pick)])
-        index.nprobe = 16
-    index.add(desc)
-    return index
+def model_candidates(catalog: Catalog, space: SpaceInfo, threshold: float, options: DuplicateOptions,
+                     on_progress: Progress | None = None) -> np.ndarray:
+    """Id pairs among each photo's nearest neighbours by CLIP vector with cosine >= threshold."""
+    parts = list(catalog.iter_vectors(space.id))
+    if not parts:
+        return np.zeros((0, 2), np.int64)
+    ids, x = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    del parts
+    return knn_pairs(ids, x, options.neighbours, threshold, options.block, stage="model", on_progress=on_progress)
 
 
 def layout_candidates(table: SignatureTable, options: DuplicateOptions,
                       on_progress: Progress | None = None) -> np.ndarray:
-    """Id pairs that are near neighbours by perceptual layout (model-independent candidates)."""
+    """Id pairs among each photo's nearest neighbours by perceptual layout (model-independent candidates)."""
     if len(table) < 2:
         return np.zeros((0, 2), np.int64)
-    desc = np.ascontiguousarray(table.descriptors, dtype=np.float32)
-    index = _layout_index(desc, options)
-    k = min(options.neighbours + 1, len(table))
-    left, right = [], []
-    for start in range(0, len(desc), options.batch):
-        scores, rows = index.search(desc[start : start + options.batch], k)
-        ok = (rows >= 0) & (scores >= options.layout_min)
-        q = np.repeat(np.arange(start, start + len(rows)), k).reshape(rows.shape)
-        left.append(table.ids[q[ok]])
-        right.append(table.ids[rows[ok]])
-        if on_progress:
-            on_progress("layout", start + len(rows), len(desc))
-    return _pairs(np.concatenate(left), np.concatenate(right))
+    return knn_pairs(table.ids, table.descriptors, options.neighbours, options.layout_min, options.block,
+                     stage="layout", on_progress=on_progress)
 
 
-def confirm(table: SignatureTable, pairs: np.ndarray, phash_max: int, aspect_max: float) -> np.ndarray:
-    """The candidate pairs that pass the pixel check (both signatures present, hashes and aspect close)."""
+def confirm(table: SignatureTable, pairs: np.ndarray, phash_max: int, options: DuplicateOptions) -> np.ndarray:
+    """The candidate pairs that pass the pixel check (both signatures present; hashes, colours and aspect close)."""
     if not len(pairs):
         return pairs
     a, b = table.rows_of(pairs[:, 0]), table.rows_of(pairs[:, 1])
     known = (a >= 0) & (b >= 0)
     pairs, a, b = pairs[known], a[known], b[known]
-    ok = (table.distances(a, b) <= phash_max) & (table.aspect_changes(a, b) <= aspect_max)
+    ok = ((table.distances(a, b) <= phash_max) & (table.aspect_changes(a, b) <= options.aspect_max)
+          & (table.colour_changes(a, b) <= options.colour_max))
     return pairs[ok]
 
 
@@ -292,7 +300,7 @@ def _describe(catalog: Catalog, components: list[list[int]]) -> list[DuplicateGr
     return groups
 
 
-def find_duplicate_groups(catalog: Catalog, store: VectorStore, space: SpaceInfo,
+def find_duplicate_groups(catalog: Catalog, space: SpaceInfo,
                           threshold: float = DEFAULT_THRESHOLD, phash_max: int = DEFAULT_PHASH_MAX, *,
                           options: DuplicateOptions = DuplicateOptions(), signatures: SignatureTable | None = None,
                           on_progress: Progress | None = None) -> list[DuplicateGroup]:
@@ -308,9 +316,9 @@ def find_duplicate_groups(catalog: Catalog, store: VectorStore, space: SpaceInfo
     if not catalog.has_vectors(space.id):
         raise EmptyLibrary(f"no photos are indexed with model {space.model_spec}: nothing to compare")
     table = signatures if signatures is not None else ensure_signatures(catalog, options.workers, on_progress)
-    found = np.concatenate([model_candidates(catalog, store, space, threshold, options, on_progress),
+    found = np.concatenate([model_candidates(catalog, space, threshold, options, on_progress),
                             layout_candidates(table, options, on_progress)])
-    confirmed = confirm(table, _pairs(found[:, 0], found[:, 1]), phash_max, options.aspect_max)
+    confirmed = confirm(table, _pairs(found[:, 0], found[:, 1]), phash_max, options)
     edges = np.concatenate([exact_pairs(catalog), confirmed])
     log.info("duplicates: %d candidate pairs, %d confirmed by the pixel check", len(found), len(confirmed))
     return _describe(catalog, union_find(edges))

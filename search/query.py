@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from clipsearch.indexer.errors import UsageError
 
+MAX_QUERY_CHARS = 1000  # longer text is a paste gone wrong: the text tower reads 77 tokens (32 for the demo model)
 _WEIGHT = re.compile(r"^(\d+(?:\.\d+)?):(?=\S)(.*)$", re.S)
 _ID = re.compile(r"^(?:#|id:)(\d+)$")
 
@@ -72,7 +73,10 @@ def parse_query(query: str, allow_files: bool = True) -> list[Term]:
     """Parse a query into weighted terms; a plain sentence is one text term of weight 1."""
     query = query.strip()
     if not query:
-        raise UsageError("empty query")
+        raise UsageError("empty query: type what the photos you want show")
+    if len(query) > MAX_QUERY_CHARS:
+        raise UsageError(f"the query is {len(query):,} characters long; at most {MAX_QUERY_CHARS:,} are read "
+                         "(a model reads the first few dozen words)")
     if not _looks_combined(query):
         return [Term("text", query, 1.0)]
     terms: list[Term] = []

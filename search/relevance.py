@@ -61,6 +61,7 @@ class ReferenceVocab:
     possible: float = 0.2  # ... and a possible one
     fallback_template: str = "{}"  # how entries are phrased when a query names none of them
     max_alternatives: int = 32  # contrasts per group, the alternatives most like the best candidates
+    examples: tuple[str, ...] = ()  # query patterns for suggested queries, e.g. "a {colour} {shape}"
     source: str = ""  # where it was read from (shown by `eval` and in the UI's help)
 
     @property
@@ -75,7 +76,8 @@ class ReferenceVocab:
 
 def parse_vocab(text: str, source: str = "") -> ReferenceVocab:
     """Read the vocabulary format: ``[group]`` headers, one entry per line, ``#`` comments, and settings
-    ``@closed``, ``@known WORD...``, ``@strong P``, ``@possible P``, ``@fallback TEMPLATE``, ``@alternatives N``."""
+    ``@closed``, ``@known WORD...``, ``@strong P``, ``@possible P``, ``@fallback TEMPLATE``, ``@alternatives N``,
+    ``@examples PATTERN|PATTERN`` (suggested queries, ``{group}`` filled from the library)."""
     groups: dict[str, list[str]] = {}
     settings: dict[str, Any] = {}
     current: str | None = None
@@ -99,7 +101,7 @@ def parse_vocab(text: str, source: str = "") -> ReferenceVocab:
             known=frozenset(settings.get("known", "").lower().split()),
             strong=float(settings.get("strong", 0.5)), possible=float(settings.get("possible", 0.2)),
             fallback_template=settings.get("fallback", "{}"), max_alternatives=int(settings.get("alternatives", 32)),
-            source=source)
+            examples=tuple(p.strip() for p in settings.get("examples", "").split("|") if p.strip()), source=source)
     except ValueError as e:
         raise UsageError(f"{source}: bad setting: {e}") from e
 
@@ -241,3 +243,33 @@ class Relevance:
         plan = self.plan(query, photos[:n_candidates])
         probs = self.probabilities(plan, qvec, photos)
         return plan, probs, self.labels(plan, probs)
+
+
+def suggest_queries(relevance: Relevance, sample: np.ndarray, n: int = 6) -> list[str]:
+    """Example queries that have strong matches in a library, from a sample of its vectors: each photo's best entry
+    per group fills the vocabulary's example patterns; the most frequent fillings that the calibration itself
+    labels strong for at least two sampled photos (one when the sample is small) are kept."""
+    vocab = relevance.vocab
+    if not len(sample) or not vocab.examples:
+        return []
+    best = {g: [e[i] for i in (sample @ relevance.label_vectors(list(e), None).T).argmax(axis=1)]
+            for g, e in vocab.groups.items()}
+    counts: dict[str, int] = {}
+    for row in range(len(sample)):
+        for pattern in vocab.examples:
+            try:
+                q = pattern.format(**{g: best[g][row] for g in best})
+            except (KeyError, IndexError):
+                continue
+            counts[q] = counts.get(q, 0) + 1
+    need = 2 if len(sample) >= 50 else 1
+    out: list[str] = []
+    ranked = sorted(counts, key=lambda q: (-counts[q], q))[: n * 3]
+    for q, qvec in zip(ranked, relevance.encoder.encode_texts(ranked) if ranked else [], strict=True):
+        order = np.argsort(-(sample @ qvec))[:256]
+        _, _, labels = relevance.label_photos(q, qvec, sample[order])
+        if labels.count(STRONG) >= need:
+            out.append(q)
+        if len(out) == n:
+            break
+    return out

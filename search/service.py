@@ -73,7 +73,7 @@ class SearchService:
         self.texts = TextCollections(catalog)
         self.label_vectors = LabelVectors(encoder, cache_dir)
         self.relevance = Relevance(encoder, vocab_for(encoder), self.label_vectors)
-        self.tagger = Tagger(encoder, catalog, store, self.tags, self.label_vectors, self.space)
+        self.tagger = Tagger(encoder, catalog, store, self.tags, self.label_vectors, self.space, self.relevance)
         self._calib: dict[str, tuple[int, np.ndarray]] = {}
         self._text_index: dict[tuple[str, int], Any] = {}
         self._space_id: int | None = None
@@ -310,6 +310,36 @@ class SearchService:
                                   self.encoder.encode_texts(lines))
 
     # --- browsing ------------------------------------------------------------------------------------------------
+    def example_queries(self, n: int = 6) -> list[str]:
+        """Queries with strong matches in this library (from a sample of it), cached per index generation: what
+        the UI offers as clickable examples."""
+        from .relevance import suggest_queries
+
+        space = self.space()
+        key = ("examples", space.key)
+        cached = self._text_index.get(key)
+        if cached is None or cached[0] != space.generation:
+            cached = (space.generation, suggest_queries(self.relevance, self._calibration(space), n))
+            self._text_index[key] = cached
+        return list(cached[1])
+
+    def default_labels(self) -> list[str]:
+        """Labels that fit this model's world: a closed vocabulary's first group (the demo's shapes), else a few
+        everyday photo subjects. What the UI offers before the user types their own."""
+        vocab = self.relevance.vocab
+        if vocab.closed and vocab.groups:
+            return list(next(iter(vocab.groups.values())))
+        return ["people", "dog", "cat", "beach", "mountain", "city", "food", "car"]
+
+    def photo_info(self, photo_id: int) -> SearchHit:
+        """One catalogued photo's metadata and tags (the lightbox), as a hit without a score."""
+        row = self.catalog.photos_by_id([int(photo_id)]).get(int(photo_id))
+        if row is None:
+            raise PhotoNotFound(f"no indexed photo with id {photo_id}")
+        tags = tuple(self.tags.tags_of([int(photo_id)]).get(int(photo_id), ()))
+        return SearchHit(int(photo_id), row["path"], 0.0, 0.0, row["date"], row["width"], row["height"],
+                         row["format"], tags)
+
     def thumbnail(self, photo_id: int, size: int = 320) -> bytes:
         """JPEG thumbnail of a catalogued photo, by id only (cached in the home dir)."""
         from .thumbnails import thumbnail
@@ -333,10 +363,12 @@ class SearchService:
 
     def tag(self, labels: str | list[str], name: str | None = None, threshold: float | None = None,
             multi_label: bool = False, filters: PhotoFilter = PhotoFilter(), dry_run: bool = False,
-            templates: str | list[str] | None = None, on_progress: Any = None) -> TagPreview:
-        """Batch zero-shot tagging of the library; see Tagger.tag (every argument is checked before any write)."""
+            templates: str | list[str] | None = None, on_progress: Any = None,
+            strong_only: bool = False) -> TagPreview:
+        """Batch zero-shot tagging of the library; see Tagger.tag (every argument is checked before any write).
+        `strong_only` tags only photos that are strong matches of their label (the search's calibrated cutoff)."""
         return self.tagger.tag(labels, name, threshold, multi_label, filters, dry_run, templates,
-                               on_progress=on_progress)
+                               on_progress=on_progress, strong_only=strong_only)
 
     def remove_tags(self, label_set: str) -> int:
         """Undo a tagging run (every tag of the label set); see tagging.remove_tags (no encoder needed)."""

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from clipsearch.indexer.storage.catalog import Catalog, SpaceInfo
     from clipsearch.indexer.storage.store import VectorStore
 
+    from .relevance import Relevance
+
 DEFAULT_SET = "zeroshot"
 EXPORT_FORMATS = ("csv", "json")
 _BLOCK = 4096  # image rows per scoring block: 4096 x 1,000 labels of float32 is 16 MB
@@ -63,9 +65,9 @@ class Tagger:
     (the service's, so that an empty library gets the service's one message)."""
 
     def __init__(self, encoder: Any, catalog: Catalog, store: VectorStore, tags: TagStore, labels: LabelVectors,
-                 space: Callable[[], SpaceInfo]) -> None:
+                 space: Callable[[], SpaceInfo], relevance: Relevance | None = None) -> None:
         self.encoder, self.catalog, self.store, self.tags = encoder, catalog, store, tags
-        self.label_vectors, self.space = labels, space
+        self.label_vectors, self.space, self.relevance = labels, space, relevance
 
     def _labels(self, labels: str | list[str], templates: str | list[str] | None) -> tuple[list[Label], list[str]]:
         labs = parse_labels(labels)
@@ -101,8 +103,11 @@ class Tagger:
 
     def tag(self, labels: str | list[str], name: str | None = None, threshold: float | None = None,
             multi_label: bool = False, filters: PhotoFilter = PhotoFilter(), dry_run: bool = False,
-            templates: str | list[str] | None = None, examples: int = 3, on_progress: Any = None) -> TagPreview:
-        """Tag every indexed photo (or the filtered ones) with the labels that pass; preview with dry_run.
+            templates: str | list[str] | None = None, examples: int = 3, on_progress: Any = None,
+            strong_only: bool = False) -> TagPreview:
+        """Tag every indexed photo (or the filtered ones) with the labels that pass; preview with dry_run. With
+        `strong_only` a photo also has to be a strong match for the label as a search query would find it (the
+        calibrated cutoff of search/relevance.py): "tag only confident photos".
 
         Every argument is checked before anything is read or written (an out-of-range threshold must not replace
         a label set with nothing). Vectors come from the space's memory-mapped index, are scored against the label
@@ -123,6 +128,9 @@ class Tagger:
         allowed = filter_ids(self.catalog, space.id, filters)
         total = len(allowed) if allowed is not None else int(self.store.index_for(space).ntotal)
         scale = float(self.encoder.logit_scale)
+        confident = _Confident(self.relevance, names) if strong_only else None
+        if confident is not None and self.relevance is None:
+            raise UsageError("tagging only strong matches needs the relevance calibration (a SearchService)")
         parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         considered = 0
         # The catalog write streams beside the matrix products (a background writer, one transaction) rather than
@@ -136,6 +144,8 @@ class Tagger:
                     ids, vecs = ids[mask], vecs[mask]
                 if len(ids):
                     rows, cols, probs = _score_blocks(pool.map, vecs, lvec, thr, scale, neutral)
+                    if confident is not None:
+                        rows, cols, probs = confident.keep(vecs, rows, cols, probs)
                     parts.append((ids[rows], cols, probs))
                     if writer is not None:
                         writer.add(*parts[-1])
@@ -154,6 +164,33 @@ class Tagger:
         example_paths = {names[c]: [paths[p]["path"] for p in ids] for c, ids in example_ids.items()}
         return TagPreview(label_set, considered, {n: int(counts[i]) for i, n in enumerate(names)}, example_paths,
                           written, dry_run)
+
+
+class _Confident:
+    """The strong-match filter of a tagging run: each label is checked as a text query (its plan built once, on
+    the first photos that pass it), and a (photo, label) pair is kept only when the photo is a strong match."""
+
+    def __init__(self, relevance: Relevance | None, names: list[str]) -> None:
+        self.relevance, self.names = relevance, names
+        self.plans: dict[int, tuple[Any, np.ndarray]] = {}
+
+    def keep(self, vecs: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+             probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The passing triples of a chunk that are strong matches of their label."""
+        from .relevance import STRONG
+
+        assert self.relevance is not None
+        mask = np.zeros(len(rows), bool)
+        for c in np.unique(cols).tolist():
+            sel = np.nonzero(cols == c)[0]
+            sub = vecs[rows[sel]]
+            if c not in self.plans:
+                qvec = self.relevance.encoder.encode_texts([self.names[c]])[0]
+                self.plans[c] = (self.relevance.plan(self.names[c], sub[:64]), qvec)
+            plan, qvec = self.plans[c]
+            labels = self.relevance.labels(plan, self.relevance.probabilities(plan, qvec, sub))
+            mask[sel] = [lab == STRONG for lab in labels]
+        return rows[mask], cols[mask], probs[mask]
 
 
 def _score_blocks(map_fn: Callable[..., Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]], vecs: np.ndarray,

@@ -57,10 +57,21 @@ def test_filter_keeps_top_k(svc) -> None:
     assert not svc.search("dog", filters=PhotoFilter(folder="/p/bea")).hits  # prefix means folder, not string
 
 
-def test_strong_cutoff_keeps_only_the_matching_cluster(svc) -> None:
+def test_strong_only_keeps_the_true_matches_and_counts_them(svc) -> None:
     page = svc.search("cat", k=40, strong=True)
     assert sorted(names(page)) == [f"beach/cat{i}.jpg" for i in range(5)]
-    assert page.strong_cutoff is not None
+    assert {h.relevance for h in page.hits} == {"strong"} and page.counts["strong"] == 5
+    everything = svc.search("cat", k=40)
+    assert [h.rank for h in everything.hits] == list(range(1, 41)) and everything.counts["strong"] == 5
+    assert {h.relevance for h in everything.hits[5:]} <= {"possible", "weak"}
+    assert not svc.search("a giraffe", k=40, strong=True).hits  # nothing in this library is one
+
+
+def test_image_queries_keep_the_similarity_cutoff(svc) -> None:
+    target = svc.search("cat", k=1).hits[0]
+    page = svc.similar(target.id, k=40, strong=True)
+    assert page.strong_cutoff is not None and all("cat" in n for n in names(page)[:4])
+    assert page.counts is None and all(h.relevance is None for h in page.hits)
 
 
 def test_pagination_and_date_sort(svc) -> None:
@@ -368,3 +379,25 @@ def test_export_and_remove_need_no_encoder(svc, tmp_path) -> None:
     with pytest.raises(UsageError, match="empty"):
         remove_tags(svc.catalog, " ")
     assert remove_tags(svc.catalog, "animals") == 40 and svc.tags.label_sets() == {}
+
+
+def test_tagging_only_confident_photos_uses_the_search_cutoff(svc) -> None:
+    everything = svc.tag("cat, dog", "pets", threshold=0.0, dry_run=True)
+    assert sum(everything.counts.values()) == 40  # single-label at threshold 0: every photo gets one of the two
+    confident = svc.tag("cat, dog", "pets", threshold=0.0, strong_only=True)
+    assert confident.counts["cat"] == 5 and 5 <= confident.counts["dog"] <= 10  # strong matches of each label
+    rows = svc.tags.rows("pets")
+    assert len(rows) == confident.written == sum(confident.counts.values())
+    assert not [r for r in rows if "/car" in r.path]  # the cars are neither: no tag
+
+
+def test_example_queries_photo_info_and_long_queries(svc) -> None:
+    assert svc.example_queries() == [] or all(svc.search(q, k=5).counts["strong"] for q in svc.example_queries())
+    hit = svc.search("cat", k=1).hits[0]
+    info = svc.photo_info(hit.id)
+    assert info.path == hit.path and info.format == "JPEG"
+    with pytest.raises(PhotoNotFound):
+        svc.photo_info(99999)
+    with pytest.raises(UsageError, match="at most 1,000"):
+        svc.search("dog " * 1000)
+    assert svc.search("猫 " * 10, k=3).hits  # another script is searched like any text

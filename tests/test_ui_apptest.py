@@ -58,7 +58,7 @@ def test_search_page_results_paging_more_like_this_and_errors(page, ui_home) -> 
     at.button(key="next").click().run()
     assert len([c for c in captions(at) if ".jpg" in c]) == 2
     at.button(key="prev").click().run()
-    first = at.button[0].key  # the first hit's "More like this"
+    first = next(b.key for b in at.button if "-more-" in b.key)  # the first hit's "More like this"
     at.button(key=first).click().run()
     assert any("Photos like #" in s.value for s in at.subheader)
     at.button(key="clear-similar").click().run()
@@ -85,17 +85,34 @@ def test_zeroshot_page_classify_tag_and_undo(page) -> None:
     at.number_input(key="zs_id").set_value(2).run()
     at.text_input(key="zs_labels").input("dog, cat").run()
     at.button(key="zs_go").click().run()
-    assert at.success and "Prediction" in at.success[0].value
+    assert at.success and "Prediction for #2" in at.success[0].value
     at.text_input(key="tag_labels").input("dog, cat")
     at.slider(key="tag_thr").set_value(0.0)
     at.text_input(key="tag_name").input("ui-set")
+    at.button[[b.label for b in at.button].index("Preview")].click().run()
+    shown = [m.value for m in at.success]
+    assert any("Prediction for #2" in v for v in shown)  # the classification stays beside the preview
+    assert any("Preview: would tag 10 of 10 photos" in v for v in shown)
     at.button[[b.label for b in at.button].index("Apply")].click().run()
-    assert any("Tagged (10 tags written)" in m.value for m in at.markdown)
+    assert any("Applied to 'ui-set': 10 tags on 10 of 10 photos" in m.value for m in at.success)
     at.button(key="tag_undo").click().run()
     assert at.info and "Removed 10 tags" in at.info[0].value
     at.text_input(key="tag_labels").input(" , ")
     at.button[[b.label for b in at.button].index("Preview")].click().run()
     assert at.error and "empty" in at.error[0].value
+    assert any("Prediction for #2" in m.value for m in at.success)  # still there after the other panel's error
+
+
+def test_zeroshot_label_sets_are_saved_and_reused(page, ui_home) -> None:
+    at = page("zeroshot")
+    at.text_input(key="zs_labels").input("sunset, forest, harbour").run()
+    at.text_input(key="zs_save_name").input("outdoors").run()
+    at.button(key="zs_save").click().run()
+    assert not at.exception and (ui_home[0] / "label-sets.json").is_file()
+    at.text_input(key="zs_labels").input("x").run()
+    at.selectbox(key="zs_saved").set_value("outdoors").run()
+    assert at.text_input(key="zs_labels").value == "sunset, forest, harbour"
+    assert at.text_input(key="tag_labels").value == "sunset, forest, harbour"
 
 
 def test_library_page_counts_failures_and_indexing(page, ui_home, tmp_path, monkeypatch) -> None:
@@ -123,3 +140,21 @@ def test_pages_show_a_message_for_an_empty_library(monkeypatch, tmp_path) -> Non
     at = AppTest.from_file(str(PAGES / "search_page.py"), default_timeout=120).run()
     at.text_input(key="query").input("anything").run()
     assert at.error and "no photos are indexed" in at.error[0].value and not at.exception
+
+
+def test_search_page_shows_counts_ranks_badges_and_refuses_bad_queries(page) -> None:
+    at = page("search")
+    at.text_input(key="query").input("a photo of a dog").run()
+    text = " ".join(m.value for m in at.markdown)
+    assert "strong" in text and "possible" in text  # the counts line: "N strong · M possible matches"
+    assert "1." in text and "match]" in text  # rank and badge of the first result
+    at.sidebar.toggle(key="f_strong").set_value(True).run()
+    assert not at.exception  # an untrained model has no strong match: a message, not an empty page
+    assert [c for c in captions(at) if ".jpg" in c] == [] and "No strong matches" in at.info[0].value
+    at.sidebar.toggle(key="f_strong").set_value(False).run()
+    at.text_input(key="query").input("x" * 5000).run()
+    assert at.error and "at most 1,000" in at.error[0].value and not at.exception
+    at.text_input(key="query").input("   ").run()
+    assert at.warning and "empty" in at.warning[0].value and not at.exception
+    at.text_input(key="query").input("一只猫在海滩上").run()  # another script: searched like any text
+    assert not at.exception and not at.error and [c for c in captions(at) if ".jpg" in c]

@@ -79,9 +79,9 @@ def test_zeroshot_tag_labels_box_is_text_never_a_file(page, secret) -> None:
     at.text_input(key="tag_labels").input(f"{secret}, /etc/passwd")
     at.slider(key="tag_thr").set_value(0.0)
     at.button[[b.label for b in at.button].index("Preview")].click().run()
-    assert any("Would tag" in m.value for m in at.markdown)
+    assert any("Preview: would tag" in m.value for m in at.success)
     assert_not_shown(at, SECRET, "root:")
-    assert set(at.table[0].value["label"]) == {str(secret), "/etc/passwd"}
+    assert set(at.dataframe[0].value["label"]) == {str(secret), "/etc/passwd"}
     assert str(secret).encode() in page_bytes(at)  # tables are in the dump too
 
 
@@ -93,6 +93,7 @@ def test_a_label_file_is_uploaded_not_named(page) -> None:
                                                      "text/plain")).run()
     ranked = [m.value for m in at.markdown if "—" in m.value]
     assert sorted(r.split("— ", 1)[1] for r in ranked) == ["blue square", "red circle"]
+    assert at.info and at.info[0].value == "labels.txt: 2 labels used; 1 blank and 1 repeated lines ignored."
     at.file_uploader(key="img_labels_file").set_value(("bad.txt", b"\xff\xfe\x00bad", "text/plain")).run()
     assert at.error and "not UTF-8 text" in at.error[0].value and not at.exception
 

@@ -36,7 +36,8 @@ def _index_args(p: argparse.ArgumentParser) -> None:
                    help=f"decompression-bomb limit in pixels, width x height (default: {_DEFAULTS.max_pixels:,}); at "
                         f"least {MIN_PIXELS:,}, because a lower limit would mark ordinary photos as failed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--progress-file", type=Path, metavar="FILE", help="keep {done,total} JSON here (the UI polls it)")
+    p.add_argument("--progress-file", type=Path, metavar="FILE",
+                   help="keep {done,total} JSON here (default: HOME/index-progress.json, which the UI polls)")
 
 
 @command("index", "index photo folders (incremental: new, changed, moved and removed files)", arguments=_index_args,
@@ -51,7 +52,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     opts = IndexOptions(batch_size=args.batch_size, workers=args.workers, force=args.force,
                         max_pixels=args.max_pixels, follow_symlinks=args.follow_symlinks,
                         progress=not (args.no_progress or args.json))
-    report = build_indexer(config_from(args), opts).run(args.paths, on_progress=_progress_writer(args.progress_file))
+    config = config_from(args)
+    progress = args.progress_file or config.home / "index-progress.json"
+    report = build_indexer(config, opts).run(args.paths, on_progress=_progress_writer(progress))
     lines = [f"indexed {report.indexed}, unchanged {report.unchanged}, moved {report.moved}, "
              f"reused {report.reused}, removed {report.removed}, failed {sum(report.failed.values())} "
              f"in {report.seconds:.1f}s ({report.images_per_second:.1f} images/s)"]
@@ -76,9 +79,12 @@ def _progress_writer(path: Path | None) -> Callable[[int, int], None] | None:
 
     def write(done: int, total: int) -> None:
         tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"done": done, "total": total}, f)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"done": done, "total": total}, f)
+            os.replace(tmp, path)
+        except OSError:  # progress is a courtesy to the UI: a read-only home must not stop the run
+            pass
 
     write(0, 0)
     return write
@@ -96,13 +102,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 @command("reindex", "rebuild the vector indexes from the catalog (after a lost or damaged index file)",
          examples=("clipsearch reindex", "clipsearch reindex --home ~/trip-library --json"))
 def cmd_reindex(args: argparse.Namespace) -> int:
-    """Rebuild every space's vector index from the catalog."""
+    """Rebuild every space's vector index from the catalog (a writer: it holds the library's writer lock)."""
     from clipsearch.indexer.app import open_parts
+    from clipsearch.indexer.lock import hold_writer_lock
 
-    parts = open_parts(config_from(args))
+    config = config_from(args)
+    parts = open_parts(config)
     done = []
-    for s in parts.catalog.spaces():
-        parts.store.rebuild(s)
-        done.append({"space": s.label, "vectors": parts.catalog.space(s.id).count})
+    with hold_writer_lock(config.home, config.db_url):
+        for s in parts.catalog.spaces():
+            parts.store.rebuild(s)
+            done.append({"space": s.label, "vectors": parts.catalog.space(s.id).count})
     out(args, done, "\n".join(f"rebuilt {d['space']}: {d['vectors']} vectors" for d in done) or "no spaces yet")
     return 0

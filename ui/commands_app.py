@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -100,7 +101,7 @@ def run_ui(config: AppConfig, host: str, ui_port: int) -> int:
     app = Path(__file__).parent / "app.py"
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", host,
            "--server.port", str(ui_port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-           "--server.maxUploadSize", str(max(1, round(config.max_upload_mb)))]
+           "--server.maxUploadSize", str(max(1, round(config.max_upload_mb))), "--client.toolbarMode", "minimal"]
     print(f"clipsearch UI on http://{host}:{ui_port}", flush=True)
     return supervise(subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent()))
 
@@ -111,6 +112,24 @@ def run_ui(config: AppConfig, host: str, ui_port: int) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     """The Streamlit app on --host/--port for this home; stops with SIGTERM/SIGINT."""
     return run_ui(config_from(args), args.host, args.port)
+
+
+def _cli_name() -> str:
+    """How to run this CLI as printed: the console script beside this Python (a venv's bin/), else `python -m`."""
+    script = Path(sys.executable).with_name("clipsearch")
+    if script.is_file():
+        return shlex.quote(os.path.relpath(script) if not os.path.relpath(script).startswith("..") else str(script))
+    return f"{shlex.quote(sys.executable)} -m clipsearch"
+
+
+def _demo_query(config: AppConfig) -> str:
+    """An example query with strong matches in the demo library (the UI's first suggestion)."""
+    try:
+        from clipsearch.search import build_service
+
+        return build_service(config).example_queries()[0]
+    except Exception:  # the hint is a courtesy: never fail the demo over it
+        return "a red star"
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
@@ -143,7 +162,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"indexed {report.indexed} sample photos into {config.home} ({report.unchanged} already there)")
     if report.interrupted or stop_requested():
         return 130
-    print(f'try: clipsearch search "a red circle on grass" --home {config.home}')
+    print(f"try: {_cli_name()} search {shlex.quote(_demo_query(config))} --home {shlex.quote(str(config.home))}")
     if args.no_ui:
         return 0
     return run_ui(config, args.host, args.port)

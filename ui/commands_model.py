@@ -107,6 +107,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if "zero_shot" in res:
         z = res["zero_shot"]
         lines.append(f"zero_shot      top1 {z['top1']:.3f}  top5 {z['top5']:.3f}  ({z['classes']} classes)")
+    if "relevance" in res:
+        r = res["relevance"]
+        pr, ab = r["present"], r["absent"]
+        lines.append(f"relevance      strong precision {pr['precision']:.3f}  recall {pr['recall']:.3f} "
+                     f"({pr['queries']} queries)  absent: {ab['strong']} strong over {ab['queries']} queries "
+                     f"(vocabulary {r['vocabulary']})")
     if "retrieval_info" in res and res["retrieval_info"]["shared_captions"]:
         lines.append(f"note: {res['retrieval_info']['shared_captions']} captions are shared by several images; "
                      "a hit on any of them counts as correct")

@@ -35,7 +35,15 @@ def _ref(value: str) -> int | str:
 
 
 def _print_page(args: argparse.Namespace, page: Any) -> None:
-    lines = [f"{h.score:7.4f}  z={h.z:5.1f}  #{h.id:<6d} {h.path}" for h in page.hits] or ["no matches"]
+    lines = []
+    if page.counts:
+        more = "" if page.counts_exact else "at least "
+        lines.append(f"{more}{page.counts.get('strong', 0)} strong · {page.counts.get('possible', 0)} possible")
+    if page.note:
+        lines.append(f"note: {page.note}")
+    lines += [f"{h.rank:4d}. {h.score:7.4f}  {(h.relevance or '-'):8s} #{h.id:<6d} {h.path}" for h in page.hits]
+    if not page.hits:
+        lines.append("no matches")
     if page.has_more:
         lines.append(f"(more: --offset {page.offset + page.limit})")
     out(args, page.as_list(), "\n".join(lines))
@@ -137,6 +145,8 @@ def _tag_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--templates", help="prompt templates: a FILE (one per line) or text with {} "
                                        "(default: the model's own, else CLIP's ImageNet ensemble)")
     p.add_argument("--dry-run", action="store_true", help="preview counts and examples, write nothing")
+    p.add_argument("--strong", action="store_true",
+                   help="tag only confident photos (the search cutoff's strong matches for each label)")
     add_filters(p)
 
 
@@ -151,7 +161,8 @@ def cmd_tag(args: argparse.Namespace) -> int:
     if args.remove or args.export:
         return _tag_without_model(args)
     p = service_for(args).tag(labels_from(args.labels), args.name, args.threshold, args.multi_label,
-                              filters_from(args), args.dry_run, templates_from(args.templates))
+                              filters_from(args), args.dry_run, templates_from(args.templates),
+                              strong_only=args.strong)
     head = "would tag" if p.dry_run else f"tagged ({p.written} tags written to set '{p.label_set}')"
     lines = [f"{head}: {p.photos_considered} photos considered"]
     for label, n in sorted(p.counts.items(), key=lambda kv: -kv[1]):

@@ -161,7 +161,7 @@ async def tag(request: Request) -> Response:
     return io.json_response(preview.as_dict())
 
 
-@api.delete("/tags/{label_set}", summary="Undo a tagging run (as `clipsearch tag --remove SET --json`)")
+@api.delete("/tags/{label_set:path}", summary="Undo a tagging run (as `clipsearch tag --remove SET --json`)")
 def remove_tags(request: Request, label_set: str) -> Response:
     """Deletes every tag of the set."""
     return io.json_response({"removed": _svc(request).remove_tags(label_set), "label_set": label_set})

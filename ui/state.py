@@ -70,6 +70,40 @@ def folder_under_roots(folder: str, roots: Iterable[Path]) -> Path:
     return real
 
 
+LABEL_SETS_FILE = "label-sets.json"  # named label sets saved from the Zero-shot page, in the app's home
+
+
+def label_sets() -> dict[str, str]:
+    """Saved label sets (name → labels as typed), from the home; {} when none or unreadable."""
+    import json
+
+    path = config().home / LABEL_SETS_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def save_label_set(name: str, labels: str) -> None:
+    """Save (or replace) a named label set in the home, atomically; a blank name or list is refused."""
+    import json
+
+    from clipsearch.indexer.errors import UsageError
+    from clipsearch.search.zeroshot import parse_labels
+
+    name = name.strip()
+    if not name or len(name) > 100:
+        raise UsageError("Give the label set a name (up to 100 characters).")
+    names = [lab.name for lab in parse_labels(labels)]
+    sets = {**label_sets(), name: ", ".join(names)}
+    path = config().home / LABEL_SETS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(sets, indent=1, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def show_error(e: Exception) -> None:
     """A readable message on the page instead of a traceback."""
     from clipsearch.indexer.errors import ClipsearchError

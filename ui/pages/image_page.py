@@ -21,7 +21,9 @@ try:
         source = st.radio("Rank texts from", ["labels", "vocabulary", "caption collection"], horizontal=True,
                           key="img_source")
         if source == "labels":
-            labels = labels_input("Labels (comma-separated)", "dog, cat, beach, city, food", key="img_labels")
+            labels = labels_input("Labels (comma-separated)", ", ".join(svc.default_labels()), key="img_labels")
+            if labels.note():
+                st.info(labels.note())
             ranked = svc.describe(ref, labels=labels.value(), k=10)
         elif source == "vocabulary":
             ranked = svc.describe(ref, vocab="imagenet", k=10)

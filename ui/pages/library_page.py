@@ -8,6 +8,7 @@ under the roots the UI was started with (`clipsearch ui --roots DIR`) can be ind
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -55,22 +56,43 @@ try:
                 st.session_state["index_proc"] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                                                                   stderr=subprocess.PIPE)
 
+    def _running_writer() -> str | None:
+        """'pid N since T' of an index run holding this home's writer lock (started here or from the CLI), read
+        from the record it keeps in the lock file; never takes the lock, so a starting run is never refused."""
+        try:
+            rec = json.loads((cfg.home / "index.lock").read_text() or "{}")
+            pid = int(rec.get("pid") or 0)
+            if pid <= 0:
+                return None
+            os.kill(pid, 0)
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None
+        return f"pid {pid}" + (f" since {rec['since'][:19].replace('T', ' ')}" if rec.get("since") else "")
+
     @st.fragment(run_every=1.0)
     def _progress() -> None:
         proc = st.session_state.get("index_proc")
-        if proc is None:
+        writer = _running_writer()
+        if proc is None and writer is None:
+            if st.session_state.pop("index_seen_running", False):
+                st.rerun(scope="app")  # a run from the CLI ended: refresh the counts above
             return
-        info = json.loads(progress_file.read_text()) if progress_file.is_file() else {"done": 0, "total": 0}
-        total = max(1, info.get("total") or 0)
-        st.progress(min(1.0, info["done"] / total), text=f"{info['done']} / {info.get('total', '?')} photos")
-        if proc.poll() is not None:
+        st.session_state["index_seen_running"] = True
+        info = json.loads(progress_file.read_text() or "{}") if progress_file.is_file() else {}
+        done, total = int(info.get("done") or 0), int(info.get("total") or 0)
+        label = f"Indexing ({writer})" if writer else "Indexing"
+        st.progress(min(1.0, done / max(1, total)), text=f"{label}: {done} / {total or '?'} photos")
+        if proc is not None and proc.poll() is not None:
             err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-            if proc.returncode == 0:
-                st.success("Indexing finished.")
-            else:
-                st.error(err.splitlines()[-1] if err else f"indexing failed (exit {proc.returncode})")
             st.session_state.pop("index_proc", None)
+            st.session_state.pop("index_seen_running", None)
+            if proc.returncode == 0:
+                st.session_state["index_done"] = "Indexing finished."
+                st.rerun(scope="app")  # the counts, spaces and failures above are read again
+            st.error(err.splitlines()[-1] if err else f"indexing failed (exit {proc.returncode})")
 
+    if st.session_state.get("index_done"):
+        st.success(st.session_state.pop("index_done"))
     _progress()
     st.caption(f"catalog: {data['catalog']} · indexes: {data['index_dir']}")
 except Exception as e:

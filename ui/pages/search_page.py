@@ -1,4 +1,5 @@
-"""Search page: natural language or combined queries, filters, strong-only, sort, pagination."""
+"""Search page: a text query (or an example chip), filters, strong-only, sort and pages; each result shows its rank
+and calibrated relevance (strong / possible / weak), and opens in a lightbox."""
 
 from __future__ import annotations
 
@@ -6,23 +7,40 @@ from datetime import datetime, time
 
 import streamlit as st
 
+from clipsearch.indexer.errors import ClipsearchError
 from clipsearch.ui.state import service, show_error
-from clipsearch.ui.widgets import describe_panel, result_grid
+from clipsearch.ui.widgets import counts_line, result_grid
+
+
+def _use_example() -> None:
+    """A chip puts its query into the search box (a callback runs before the box is drawn)."""
+    chosen = st.session_state.get("examples")
+    if chosen:
+        st.session_state["query"] = chosen
+    st.session_state["examples"] = None
+
 
 st.title("Search")
 try:
     svc = service()
     with st.sidebar:
         st.subheader("Filters")
-        folder = st.text_input("Folder", key="f_folder", placeholder="/photos/2023")
+        folder = st.text_input("Folder", key="f_folder", placeholder="a folder of the library")
         after = st.date_input("From", value=None, key="f_after")
         before = st.date_input("Until", value=None, key="f_before")
         tags = st.multiselect("Tags", svc.tags.labels(), key="f_tags")
-        strong = st.toggle("Strong matches only", key="f_strong")
+        strong = st.toggle("Strong matches only", key="f_strong",
+                           help="Photos the model is confident about: the query beats its own contradictions.")
         sort = st.radio("Sort by", ["relevance", "date"], key="f_sort", horizontal=True)
         per_page = st.select_slider("Per page", [8, 12, 20, 40], value=12, key="f_k")
+    try:
+        examples = svc.example_queries()
+    except ClipsearchError:  # nothing indexed yet: the search below says so
+        examples = []
     query = st.text_input("Describe the photo you want", key="query",
-                          placeholder='dog on a beach at sunset   or   "2:dog" - "snow"')
+                          placeholder=examples[0] if examples else "a dog on a beach at sunset")
+    if examples:
+        st.pills("Try", examples, key="examples", on_change=_use_example)
     st.session_state.setdefault("offset", 0)
     if st.session_state.get("last_query") != query:
         st.session_state["offset"], st.session_state["last_query"] = 0, query
@@ -44,16 +62,23 @@ try:
         page = svc.similar(int(similar_to), per_page, offset, flt, strong, sort)
     elif query.strip():
         page = svc.search(query, per_page, offset, flt, strong, sort)
+    elif st.session_state.get("last_query") is not None and query != "" and not query.strip():
+        st.warning("The query is empty: type what the photos you want show.")
     if page is not None:
+        if page.note:
+            st.warning(page.note)
+        summary = counts_line(page)
+        if summary:
+            st.markdown(f"{summary} · sorted by {sort}")
         result_grid(svc, page, "s")
         prev, info, nxt = st.columns([1, 2, 1])
-        if prev.button("◀ Previous", disabled=offset == 0, key="prev"):
+        if prev.button("Previous", disabled=offset == 0, key="prev", icon=":material/chevron_left:"):
             st.session_state["offset"] = max(0, offset - per_page)
             st.rerun()
-        info.caption(f"results {offset + 1}–{offset + len(page.hits)}")
-        if nxt.button("Next ▶", disabled=not page.has_more, key="next"):
+        if page.hits:
+            info.caption(f"results {offset + 1}–{offset + len(page.hits)}")
+        if nxt.button("Next", disabled=not page.has_more, key="next", icon=":material/chevron_right:"):
             st.session_state["offset"] = offset + per_page
             st.rerun()
-        describe_panel(svc)
 except Exception as e:
     show_error(e)
