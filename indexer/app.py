@@ -40,7 +40,7 @@ def build_encoder(config: AppConfig, catalog: Catalog) -> Encoder:
     """The encoder for this config's model (loads it: the slow step)."""
     from clipsearch.indexer.model.factory import create_encoder
 
-    return create_encoder(resolve_model(config, catalog), config.device, config.backend)
+    return create_encoder(resolve_model(config, catalog), config.device, config.backend, config.model_cache)
 
 
 def build_indexer(config: AppConfig, options: IndexOptions = IndexOptions()) -> Indexer:

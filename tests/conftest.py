@@ -20,6 +20,18 @@ TINY = f"{DATA / 'tiny-vit.json'}:none"  # 32-d, 32 px
 TINY2 = f"{DATA / 'tiny-vit-b.json'}:none"  # a second space: 24-d
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_model_cache(tmp_path_factory):
+    """ONNX exports of this run go to a fresh cache (inherited by CLI subprocesses), never the user's."""
+    old = os.environ.get("CLIPSEARCH_MODEL_CACHE")
+    os.environ["CLIPSEARCH_MODEL_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
+    yield
+    if old is None:
+        os.environ.pop("CLIPSEARCH_MODEL_CACHE", None)
+    else:
+        os.environ["CLIPSEARCH_MODEL_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder():
     """The tiny untrained encoder, loaded once (read-only, so sharing is safe)."""

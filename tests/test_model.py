@@ -90,7 +90,7 @@ def test_training_loss_falls_checkpoint_round_trips_and_resumes(tmp_path) -> Non
 def test_saved_model_reproduces_the_in_memory_embeddings(tmp_path) -> None:
     from clipsearch.indexer.model.training import save_model
 
-    src = create_encoder(TINY, "cpu")
+    src = create_encoder(TINY, "cpu", "torch")
     cfg = json.loads((DATA / "tiny-vit.json").read_text())
     import open_clip
 
@@ -191,7 +191,7 @@ def test_text_encoding_shortcuts_equal_the_full_context(tmp_path, monkeypatch, c
     cfg["custom_text"] = custom_text  # CustomTextCLIP keeps the tower in model.text
     path = tmp_path / f"tiny-text-{int(custom_text)}.json"
     path.write_text(json.dumps(cfg))
-    enc = create_encoder(f"{path}:none", "cpu")
+    enc = create_encoder(f"{path}:none", "cpu", "torch")
     assert _causal_text_tower(enc.model) is not None
     shared_runs = []
     real = _CausalTextTower._run_after_prefix

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -14,17 +15,19 @@ PROBE = ("import json, sys\nfrom clipsearch.ui.cli import main\nrc = main(sys.ar
          "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules, 'open_clip': 'open_clip' in sys.modules}))")
 
 
-def _probe(*args: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=600)
+def _probe(*args: str, env: dict[str, str]) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=600, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.integration
 def test_reindex_of_an_unchanged_folder_never_loads_torch(library, tmp_path) -> None:
     home = str(tmp_path / "home")
-    first = _probe("index", str(library), "--home", home, "--model", TINY, "--device", "cpu", "--no-progress")
+    env = {**os.environ, "CLIPSEARCH_MODEL_CACHE": str(tmp_path / "model-cache")}  # the first run exports
+    first = _probe("index", str(library), "--home", home, "--model", TINY, "--device", "cpu", "--no-progress", env=env)
     assert first["rc"] == 0  # the first run embeds (with torch, or an ONNX export made earlier)
-    again = _probe("index", str(library), "--home", home, "--model", TINY, "--device", "cpu", "--no-progress")
+    again = _probe("index", str(library), "--home", home, "--model", TINY, "--device", "cpu", "--no-progress",
+                   env=env)
     assert again == {"rc": 0, "torch": False, "open_clip": False}
-    implicit = _probe("index", str(library), "--home", home, "--no-progress")  # the library's model, unnamed
+    implicit = _probe("index", str(library), "--home", home, "--no-progress", env=env)  # the library's model, unnamed
     assert implicit == {"rc": 0, "torch": False, "open_clip": False}
