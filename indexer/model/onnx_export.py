@@ -192,8 +192,7 @@ def export_model(spec: str, root: Path, source: str) -> tuple[Path, ExportMeta]:
 
     Raises OnnxUnsupported (and records why, so `auto` does not retry at every start) when the model cannot be
     exported faithfully, ModelUnavailable when its weights cannot be loaded or the cache cannot be written."""
-    log.warning("exporting model %s to ONNX into %s (once per model; a ViT-B-32 takes about a minute)", spec, root)
-    enc = TorchEncoder(spec, "cpu")
+    enc = TorchEncoder(spec, "cpu")  # first: a model whose weights are missing fails here, with one line
     final = root / enc.space.key
     try:
         meta = ExportMeta.from_json((final / META_FILE).read_text(encoding="utf-8"))
@@ -202,6 +201,8 @@ def export_model(spec: str, root: Path, source: str) -> tuple[Path, ExportMeta]:
         reuse = False
     try:
         if not reuse:
+            log.warning("exporting model %s to ONNX into %s (once per model; a ViT-B-32 takes about a minute)",
+                        spec, root)
             _build(enc, root)
         write_atomic(pointer_path(root, source), enc.space.key)
         pointer_path(root, source).with_suffix(".unsupported").unlink(missing_ok=True)
