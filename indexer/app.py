@@ -10,6 +10,7 @@ from clipsearch.indexer.storage.catalog import Catalog
 from clipsearch.indexer.storage.store import StoreOptions, VectorStore
 
 if TYPE_CHECKING:
+    from clipsearch.indexer.executors import Executor
     from clipsearch.indexer.model.protocol import Encoder
     from clipsearch.indexer.pipeline import Indexer
 
@@ -43,7 +44,8 @@ def build_encoder(config: AppConfig, catalog: Catalog) -> Encoder:
     return create_encoder(resolve_model(config, catalog), config.device, config.backend, config.model_cache)
 
 
-def build_indexer(config: AppConfig, options: IndexOptions = IndexOptions()) -> Indexer:
+def build_indexer(config: AppConfig, options: IndexOptions = IndexOptions(),
+                  executor: Executor | None = None) -> Indexer:
     """An Indexer over the real parts for this config; the model loads only if the run has something to embed."""
     from clipsearch.indexer.pipeline import EncoderSource, Indexer
 
@@ -51,4 +53,5 @@ def build_indexer(config: AppConfig, options: IndexOptions = IndexOptions()) -> 
     spec = resolve_model(config, parts.catalog)
     parts.catalog.set_meta("last_model", spec)
     source = EncoderSource(spec, lambda: build_encoder(replace(config, model=spec), parts.catalog))
-    return Indexer(parts.catalog, parts.store, source, config.home, options, db_url=config.db_url)
+    return Indexer(parts.catalog, parts.store, source, config.home, options, executor=executor,
+                   db_url=config.db_url)

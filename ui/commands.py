@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from clipsearch.indexer.config import IndexOptions
+from clipsearch.indexer.config import AppConfig, IndexOptions
 
 from .commands_common import config_from, int_range, non_negative, out, positive
 from .registry import command
@@ -38,6 +38,13 @@ def _index_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--progress-file", type=Path, metavar="FILE",
                    help="keep {done,total} JSON here (default: HOME/index-progress.json, which the UI polls)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="where the embed stage runs: this machine's process pool, or a Ray cluster "
+                        "(pip install 'clipsearch[ray]'; see docs/scale.md)")
+    p.add_argument("--address", metavar="ADDR",
+                   help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: a local Ray instance)")
+    p.add_argument("--gpus-per-worker", type=_fraction_or_more, default=None, metavar="G",
+                   help="GPUs per Ray encode worker (default: 1 when the cluster has GPUs)")
 
 
 @command("index", "index photo folders (incremental: new, changed, moved and removed files)", arguments=_index_args,
@@ -54,7 +61,12 @@ def cmd_index(args: argparse.Namespace) -> int:
                         progress=not (args.no_progress or args.json))
     config = config_from(args)
     progress = args.progress_file or config.home / "index-progress.json"
-    report = build_indexer(config, opts).run(args.paths, on_progress=_progress_writer(progress))
+    executor = _ray_executor(args, config, opts) if args.engine == "ray" else None
+    try:
+        report = build_indexer(config, opts, executor).run(args.paths, on_progress=_progress_writer(progress))
+    finally:
+        if executor is not None:
+            executor.close()
     lines = [f"indexed {report.indexed}, unchanged {report.unchanged}, moved {report.moved}, "
              f"reused {report.reused}, removed {report.removed}, failed {sum(report.failed.values())} "
              f"in {report.seconds:.1f}s ({report.images_per_second:.1f} images/s)"]
@@ -63,6 +75,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     if report.skipped_by_ext:
         lines.append(f"  not read (not a photo type): {sum(report.skipped_by_ext.values())} files, "
                      + ", ".join(f"{ext or '(none)'} {n}" for ext, n in report.skipped_by_ext.most_common()))
+    if report.decoder_warnings:
+        lines.append(f"  {report.decoder_warnings} decoder warnings in {report.files_with_warnings} files "
+                     "(details with -v in the log)")
     if report.missing_kept:
         lines.append(f"  {report.missing_kept} catalogued files are missing and were NOT removed (most of the "
                      "library vanished at once: unmounted disk?); re-run with --force to remove them")
@@ -70,6 +85,27 @@ def cmd_index(args: argparse.Namespace) -> int:
         lines.append("  stopped on request after a committed batch; re-run to resume")
     out(args, report.as_dict(), "\n".join(lines))
     return 130 if report.interrupted else 0
+
+
+def _fraction_or_more(value: str) -> float:
+    """A GPU share for --gpus-per-worker: a number > 0 (0.5 lets two workers share a GPU)."""
+    try:
+        g = float(value)
+    except ValueError:
+        g = float("nan")
+    if not g > 0:
+        raise argparse.ArgumentTypeError(f"expects a number of GPUs > 0, got '{value}'")
+    return g
+
+
+def _ray_executor(args: argparse.Namespace, config: AppConfig, opts: IndexOptions):  # -> RayExecutor
+    """The Ray engine for the embed stage, connected before any work starts (a bad --address fails here)."""
+    from clipsearch.indexer.ray_executor import RayExecutor
+
+    executor = RayExecutor(address=args.address, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                           backend=config.backend, model_cache=config.model_cache, progress=opts.progress)
+    executor.connect()
+    return executor
 
 
 def _progress_writer(path: Path | None) -> Callable[[int, int], None] | None:
