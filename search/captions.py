@@ -23,8 +23,6 @@ from clipsearch.indexer.errors import ModelUnavailable, PhotoNotFound, UsageErro
 from clipsearch.indexer.status import PhotoStatus
 from clipsearch.indexer.storage.catalog import Catalog
 
-DEMO_CAPTIONER = Path(__file__).resolve().parent.parent / "indexer" / "model" / "demo_captioner"
-
 
 def _demo_folder() -> Path:
     """The bundled demo captioner, found through the installed indexer package (editable or wheel)."""

@@ -144,7 +144,7 @@ def explain_ref(catalog: Catalog, encoder: Any, ref: int | str | bytes, query: s
     uploaded bytes. An unknown id is a PhotoNotFound, an unreadable photo a BadImage: one line each, and the
     catalog is only read. `max_side` shrinks large photos first (the UI's lightbox), so the map and its PNG stay
     small; the model's input is barely affected, being far smaller still."""
-    data = _read_ref(catalog, ref, allow_files)
+    data = read_ref(catalog, ref, allow_files)
     try:
         image, _ = open_image(data, 100_000_000)
     except DecodeError as e:
@@ -160,7 +160,7 @@ def _describe(ref: int | str | bytes) -> str:
     return "the uploaded image" if isinstance(ref, bytes | bytearray) else f"image {ref}"
 
 
-def _read_ref(catalog: Catalog, ref: int | str | bytes, allow_files: bool) -> bytes:
+def read_ref(catalog: Catalog, ref: int | str | bytes, allow_files: bool) -> bytes:
     """The encoded bytes behind a reference; catalogued photos are read from their recorded path."""
     if isinstance(ref, bytes | bytearray):
         return bytes(ref)

@@ -18,7 +18,7 @@ AddArguments = Callable[[argparse.ArgumentParser], None]
 
 # In the order `clipsearch --help` lists their commands.
 COMMAND_MODULES = ("clipsearch.ui.commands", "clipsearch.ui.commands_search", "clipsearch.ui.commands_model",
-                   "clipsearch.ui.commands_app")
+                   "clipsearch.ui.commands_app", "clipsearch.ui.commands_seed")
 
 
 @dataclass(frozen=True)

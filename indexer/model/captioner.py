@@ -204,6 +204,6 @@ def train_captioner(vectors: np.ndarray, captions: list[str], space_key: str, sp
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         log.info("captioner epoch %d/%d: loss %.4f", epoch + 1, epochs, total / len(rows))
     return Captioner(decoder)

@@ -1,0 +1,100 @@
+"""The seed systems' commands: explain (why a photo matched), caption (what is in a photo), ask (a question).
+
+Each model is optional and loads only when its command runs; the catalog is only read.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .commands_common import out, service_for
+from .registry import command
+
+
+def _ref(value: str) -> int | str:
+    """A photo id (all digits, not an existing file) or an image path."""
+    from clipsearch.search.service import image_ref
+
+    return image_ref(value)  # type: ignore[return-value]
+
+
+def _explain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("query", help="the text query to explain")
+    p.add_argument("image", help="image path or photo id")
+    p.add_argument("--out", type=Path, required=True, metavar="PNG", help="where to write the heatmap overlay")
+    p.add_argument("--method", choices=["auto", "gradcam", "tokens"], default="auto",
+                   help="Grad-CAM on a CNN tower, patch tokens on a ViT (auto picks by architecture)")
+
+
+@command("explain", "why a photo matched a query: a heatmap of where the query matches it", arguments=_explain_args,
+         examples=("clipsearch explain 'a red star' 42 --out heat.png",
+                   "clipsearch explain 'a dog' ~/Pictures/dog.jpg --out dog-heat.png --model demo"))
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Write the heatmap overlay and print where the query matches best."""
+    from clipsearch.search.explain import explain_ref
+
+    svc = service_for(args, need_photos=False)
+    heat = explain_ref(svc.catalog, svc.encoder, _ref(args.image), args.query, args.method)
+    path = heat.write_png(args.out)
+    peak = "nowhere in particular (a flat map)" if heat.peak is None else f"x={heat.peak[0]}, y={heat.peak[1]}"
+    out(args, {"out": str(path), "peak": heat.peak, "score": heat.score, "method": heat.method,
+               "size": list(heat.size)},
+        f"wrote {path}: best match at {peak} (score {heat.score:.4f}, {heat.method})")
+    return 0
+
+
+def _caption_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="*", help="image paths or photo ids (none: --all)")
+    p.add_argument("--all", action="store_true", help="caption every indexed photo from its stored vector")
+    p.add_argument("--captioner", default="demo", help="'demo' or a trained captioner folder")
+
+
+@command("caption", "describe photos in words with a captioner (the demo one runs offline)", arguments=_caption_args,
+         hint="name photos (paths or ids) or pass --all",
+         examples=("clipsearch caption --all --model demo", "clipsearch caption 42 7 --json"))
+def cmd_caption(args: argparse.Namespace) -> int:
+    """Print captions of the named photos, or of every indexed photo."""
+    from clipsearch.indexer.errors import UsageError
+    from clipsearch.search.captions import caption_image, caption_photos, load_captioner
+
+    if not args.images and not args.all:
+        raise UsageError("name photos (paths or ids) or pass --all")
+    svc = service_for(args, need_photos=bool(args.all))
+    cap = load_captioner(args.captioner, svc.encoder)
+    refs = [_ref(i) for i in args.images]
+    ids = [r for r in refs if isinstance(r, int)]
+    found = caption_photos(svc.catalog, svc.space().id, cap, ids=None if args.all else ids) if (args.all or ids) else {}
+    rows = [{"source": f"#{i}", "caption": t} for i, t in sorted(found.items())]
+    for r in refs:
+        if isinstance(r, str):
+            try:
+                data = Path(r).read_bytes()
+            except OSError as e:
+                raise UsageError(f"cannot read {r}: {e.strerror or e}") from e
+            rows.append({"source": r, "caption": caption_image(svc.encoder, cap, data)})
+    out(args, rows, "\n".join(f"{r['source']}: {r['caption']}" for r in rows) or "no photos to caption")
+    return 0
+
+
+def _ask_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", help="image path or photo id")
+    p.add_argument("question", help='e.g. "what colour is the shape?"')
+    p.add_argument("--answerer", default="demo", help="'demo' or a trained answerer folder")
+
+
+@command("ask", "answer a question about a photo (visual question answering; the demo model runs offline)",
+         arguments=_ask_args,
+         examples=("clipsearch ask 42 'what colour is the shape?' --model demo",
+                   "clipsearch ask photo.jpg 'how many shapes are there?'"))
+def cmd_ask(args: argparse.Namespace) -> int:
+    """Print the answer with its confidence."""
+    from clipsearch.search.questions import ask_ref, load_answerer
+
+    svc = service_for(args, need_photos=False)
+    answerer = load_answerer(args.answerer, svc.encoder)
+    ans = ask_ref(svc.catalog, svc.space(require_photos=False).id, svc.encoder, answerer, _ref(args.image),
+                  args.question)
+    out(args, {"question": ans.question, "answer": ans.text, "confidence": ans.confidence, "how": ans.how},
+        f"{ans.text}  (confidence {ans.confidence:.2f})")
+    return 0
