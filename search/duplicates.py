@@ -235,16 +235,21 @@ def layout_candidates(table: SignatureTable, options: DuplicateOptions,
                      stage="layout", on_progress=on_progress)
 
 
-def confirm(table: SignatureTable, pairs: np.ndarray, phash_max: int, options: DuplicateOptions) -> np.ndarray:
-    """The candidate pairs that pass the pixel check (both signatures present; hashes, colours and aspect close)."""
-    if not len(pairs):
-        return pairs
-    a, b = table.rows_of(pairs[:, 0]), table.rows_of(pairs[:, 1])
-    known = (a >= 0) & (b >= 0)
-    pairs, a, b = pairs[known], a[known], b[known]
-    ok = ((table.distances(a, b) <= phash_max) & (table.aspect_changes(a, b) <= options.aspect_max)
-          & (table.colour_changes(a, b) <= options.colour_max))
-    return pairs[ok]
+def confirm(table: SignatureTable, pairs: np.ndarray, phash_max: int, options: DuplicateOptions,
+            chunk: int = 1 << 20) -> np.ndarray:
+    """The candidate pairs that pass the pixel check (both signatures present; hashes, colours and aspect close).
+    In chunks, hashes first: the cheap test drops most pairs before the colour grids are gathered."""
+    kept = []
+    for start in range(0, len(pairs), chunk):
+        part = pairs[start : start + chunk]
+        a, b = table.rows_of(part[:, 0]), table.rows_of(part[:, 1])
+        known = (a >= 0) & (b >= 0)
+        part, a, b = part[known], a[known], b[known]
+        close = table.distances(a, b) <= phash_max
+        part, a, b = part[close], a[close], b[close]
+        ok = (table.aspect_changes(a, b) <= options.aspect_max) & (table.colour_changes(a, b) <= options.colour_max)
+        kept.append(part[ok])
+    return np.concatenate(kept) if kept else np.zeros((0, 2), np.int64)
 
 
 def exact_pairs(catalog: Catalog) -> np.ndarray:

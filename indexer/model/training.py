@@ -16,6 +16,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -151,26 +152,12 @@ def train(cfg: TrainConfig) -> TrainReport:
         x = x.permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std)
         return x, tokenizer([c for _, c in chosen]).to(device)
 
-    if cfg.freeze_image:
-        model.visual.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     steps_per_epoch = max(1, len(train_imgs) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps_per_epoch * cfg.epochs))
+    opt, sched = _optimizer(model, cfg, steps_per_epoch * cfg.epochs)
     loss_fn = open_clip.ClipLoss()
-    report, start_epoch = TrainReport(out=str(cfg.out)), 0
+    report = TrainReport(out=str(cfg.out))
     state_path = cfg.out / "train_state.pt"
-    if cfg.resume and state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        start_epoch = int(state["epoch"])
-        report.epochs = json.loads((cfg.out / "train_log.json").read_text()).get("epochs", [])
-        log.warning("resuming after epoch %d", start_epoch)
+    start_epoch = _resume(cfg, state_path, model, opt, sched, report, device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
         "cpu", enabled=False)
     seen, t_train = 0, time.perf_counter()
@@ -178,35 +165,75 @@ def train(cfg: TrainConfig) -> TrainReport:
         model.train()
         batches = _epoch_batches(train_imgs, pairs, cfg.batch_size, cfg.hard_batches, rnd, cfg.hard_word)
         batches = batches[:steps_per_epoch]
-        losses = []
-        for batch, hard in batches:
-            x, tokens = batch_tensors(batch, hard)
-            with amp:
-                img_f, txt_f, scale = model(x, tokens)[:3]
-                loss = loss_fn(img_f, txt_f, scale)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-            losses.append(loss.item())
-            seen += len(x)
+        losses, n = _run_epoch(model, batches, batch_tensors, amp, loss_fn, opt, sched)
+        seen += n
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0],
                "images_per_second": seen / (time.perf_counter() - t_train)}
         row.update(_validate(model, val_imgs, batch_tensors, loss_fn, cfg.batch_size))
         report.epochs.append(row)
         log.warning("epoch %d/%d: loss %.4f val_loss %s (%.0f img/s)", epoch + 1, cfg.epochs, row["train_loss"],
                     f"{row.get('val_loss', float('nan')):.4f}", row["images_per_second"])
-        save_model(model, model_cfg, pp, cfg.out, cfg.save_half)
-        if (cfg.data / "templates.txt").is_file():  # prompt templates that fit this data travel with the model
-            shutil.copyfile(cfg.data / "templates.txt", cfg.out / "templates.txt")
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "epoch": epoch + 1}, state_path)
-        (cfg.out / "train_log.json").write_text(json.dumps(
-            {"config": {k: str(v) for k, v in asdict(cfg).items()}, "epochs": report.epochs}, indent=2))
+        _checkpoint(cfg, model, model_cfg, pp, opt, sched, epoch + 1, report)
     report.images_per_second = seen / max(1e-9, time.perf_counter() - t_train)
     return report
+
+
+def _run_epoch(model: torch.nn.Module, batches: list[tuple[list[Path], bool]], batch_tensors: Any, amp: Any,
+               loss_fn: Any, opt: Any, sched: Any) -> tuple[list[float], int]:
+    """One pass over the epoch's batches; returns the batch losses and the number of images seen."""
+    losses, seen = [], 0
+    for batch, hard in batches:
+        x, tokens = batch_tensors(batch, hard)
+        with amp:
+            img_f, txt_f, scale = model(x, tokens)[:3]
+            loss = loss_fn(img_f, txt_f, scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(loss.item())
+        seen += len(x)
+    return losses, seen
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int) -> tuple[Any, Any]:
+    """AdamW with weight decay on matrices only, and the warmup + cosine schedule."""
+    if cfg.freeze_image:
+        model.visual.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total_steps))
+
+
+def _resume(cfg: TrainConfig, state_path: Path, model: torch.nn.Module, opt: Any, sched: Any, report: TrainReport,
+            device: str) -> int:
+    """The epoch to start from: 0, or the last checkpoint's with model, optimiser and schedule restored."""
+    if not (cfg.resume and state_path.is_file()):
+        return 0
+    state = torch.load(state_path, map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    report.epochs = json.loads((cfg.out / "train_log.json").read_text()).get("epochs", [])
+    log.warning("resuming after epoch %d", int(state["epoch"]))
+    return int(state["epoch"])
+
+
+def _checkpoint(cfg: TrainConfig, model: torch.nn.Module, model_cfg: Any, pp: dict[str, Any], opt: Any, sched: Any,
+                epochs_done: int, report: TrainReport) -> None:
+    """After each epoch: the usable model folder, the resumable state and the log."""
+    save_model(model, model_cfg, pp, cfg.out, cfg.save_half)
+    if (cfg.data / "templates.txt").is_file():  # prompt templates that fit this data travel with the model
+        shutil.copyfile(cfg.data / "templates.txt", cfg.out / "templates.txt")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "epoch": epochs_done}, cfg.out / "train_state.pt")
+    (cfg.out / "train_log.json").write_text(json.dumps(
+        {"config": {k: str(v) for k, v in asdict(cfg).items()}, "epochs": report.epochs}, indent=2))
 
 
 def _augment(x: torch.Tensor, mode: str, rnd: random.Random) -> torch.Tensor:

@@ -1,0 +1,198 @@
+"""Recognised text per photo with a full-text index: SQLite FTS5, or PostgreSQL tsvector + GIN.
+
+Additive and created on first use (outside the versioned schema in schema.py): `ocr_texts` holds one row per photo
+OCR has looked at, with its status and reason when it failed, so a failed photo keeps its CLIP vector and says why
+it has no text. The full-text side uses the 'simple' configuration (PostgreSQL) and the unicode61 tokenizer
+(SQLite): words as written, no stemming, any language. A row is valid for the content hash it was read from.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterable
+from datetime import datetime
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    delete,
+    insert,
+    select,
+    text,
+)
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
+
+from clipsearch.indexer.errors import CatalogError
+from clipsearch.indexer.ingest.ocr import OcrResult
+from clipsearch.indexer.status import PhotoStatus
+from clipsearch.indexer.storage.catalog import Catalog
+from clipsearch.indexer.storage.schema import photos
+
+_metadata = MetaData()
+ocr_texts = Table(
+    "ocr_texts",
+    _metadata,
+    Column("photo_id", Integer, ForeignKey(photos.c.id, ondelete="CASCADE"), primary_key=True),
+    Column("content_hash", String(64)),  # the content the text was read from
+    Column("status", String(16), nullable=False),  # ok | failed | timeout
+    Column("reason", Text),  # why it failed
+    Column("engine", String(64), nullable=False),
+    Column("text", Text, nullable=False, default=""),
+    Column("lines", Text, nullable=False, default="[]"),  # JSON [[text, score, x, y, w, h], ...] in original pixels
+    Column("seconds", Float),
+    Column("updated_at", DateTime, nullable=False),
+)
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+FUZZY_MIN_LEN = 5  # words at least this long may match with one character read wrong (OCR's usual slip)
+
+
+def words(query: str) -> list[str]:
+    """The words of a query as the full-text index sees them (letters and digits; punctuation separates)."""
+    return [w.lower() for w in _WORD.findall(query)]
+
+
+def one_edit(word: str) -> list[str]:
+    """The word and every string one deletion, substitution, insertion or swap away (a-z, 0-9): what an OCR
+    engine that misread one character (l for I, g for q, a doubled letter dropped) stored instead."""
+    out = {word}
+    for i in range(len(word) + 1):
+        head, tail = word[:i], word[i:]
+        out.update(head + c + tail for c in _ALPHABET)
+        if tail:
+            out.add(head + tail[1:])
+            out.update(head + c + tail[1:] for c in _ALPHABET)
+        if len(tail) > 1:
+            out.add(head + tail[1] + tail[0] + tail[2:])
+    return sorted(out)
+
+
+class OcrStore:
+    """Writes OCR results and answers full-text queries over them."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.sqlite = catalog.engine.dialect.name == "sqlite"
+        for attempt in range(3):  # another process may create the tables at the same moment
+            try:
+                with catalog.engine.begin() as conn:
+                    ocr_texts.create(conn, checkfirst=True)
+                    self._create_index(conn)
+                return
+            except SQLAlchemyError as e:
+                if attempt == 2 or "already exists" not in str(e):
+                    raise CatalogError(f"cannot create the OCR tables: {str(e).splitlines()[0]}") from e
+                time.sleep(0.2)
+
+    def _create_index(self, conn: Connection) -> None:
+        if self.sqlite:
+            conn.exec_driver_sql("CREATE VIRTUAL TABLE IF NOT EXISTS ocr_fts USING fts5(text, photo_id UNINDEXED, "
+                                 "tokenize='unicode61 remove_diacritics 2')")
+        else:
+            conn.exec_driver_sql("ALTER TABLE ocr_texts ADD COLUMN IF NOT EXISTS tsv tsvector GENERATED ALWAYS AS "
+                                 "(to_tsvector('simple', text)) STORED")
+            conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_ocr_texts_tsv ON ocr_texts USING GIN (tsv)")
+
+    def photos_needing(self, retry_failed: bool = False) -> list[tuple[int, bytes]]:
+        """(id, raw path) of indexed photos not read for their current content (and failed ones, when asked)."""
+        q = (select(photos.c.id, photos.c.path_bytes)
+             .outerjoin(ocr_texts, ocr_texts.c.photo_id == photos.c.id)
+             .where(photos.c.status == PhotoStatus.INDEXED)
+             .where(ocr_texts.c.photo_id.is_(None)
+                    | ocr_texts.c.content_hash.is_distinct_from(photos.c.content_hash)
+                    | ((ocr_texts.c.status != "ok") if retry_failed else False))
+             .order_by(photos.c.id))
+        with self.catalog.engine.connect() as conn:
+            return [(int(i), bytes(p)) for i, p in conn.execute(q)]
+
+    def put(self, results: dict[int, OcrResult], engine: str) -> None:
+        """Store results (replacing earlier ones) in one transaction; boxes go back to original pixels."""
+        if not results:
+            return
+        ids = sorted(results)
+        now = datetime.now()
+        with self.catalog.engine.begin() as conn:
+            hashes = dict(conn.execute(select(photos.c.id, photos.c.content_hash).where(photos.c.id.in_(ids))).all())
+            ids = [i for i in ids if i in hashes]  # removed meanwhile
+            conn.execute(delete(ocr_texts).where(ocr_texts.c.photo_id.in_(ids)))
+            rows = []
+            for i in ids:
+                r = results[i]
+                lines = [[ln.text, round(ln.score, 3), *(round(v / r.scale) for v in ln.box)] for ln in r.lines]
+                rows.append({"photo_id": i, "content_hash": hashes[i], "status": r.status, "reason": r.reason,
+                             "engine": engine, "text": r.text, "lines": json.dumps(lines), "seconds": r.seconds,
+                             "updated_at": now})
+            if rows:
+                conn.execute(insert(ocr_texts), rows)
+            if self.sqlite:
+                for start in range(0, len(ids), 500):
+                    chunk = ids[start : start + 500]
+                    conn.execute(text(f"DELETE FROM ocr_fts WHERE photo_id IN ({','.join(map(str, chunk))})"))
+                conn.execute(text("INSERT INTO ocr_fts (text, photo_id) VALUES (:t, :p)"),
+                             [{"t": r["text"], "p": r["photo_id"]} for r in rows if r["text"]])
+
+    def search(self, query: str, k: int = 20, phrase: bool = True, fuzzy: bool = True,
+               photo_ids: Iterable[int] | None = None) -> list[tuple[int, float]]:
+        """(photo id, score) of photos whose text matches the query's words, best first. `phrase`: the words in
+        that order, next to each other; else all of them anywhere. When nothing matches exactly and `fuzzy`, words
+        of FUZZY_MIN_LEN or more letters also match one misread character away (all words must match; order is
+        not checked then). Scores are positive, higher is better; `photo_ids` filters the top k afterwards."""
+        terms = words(query)
+        if not terms:
+            return []
+        found = self._match([[t] for t in terms], k, phrase)
+        if not found and fuzzy and any(len(t) >= FUZZY_MIN_LEN for t in terms):
+            found = self._match([one_edit(t) if len(t) >= FUZZY_MIN_LEN else [t] for t in terms], k, False)
+        if photo_ids is not None:
+            allowed = set(photo_ids)
+            found = [f for f in found if f[0] in allowed]
+        return found
+
+    def _match(self, groups: list[list[str]], k: int, phrase: bool) -> list[tuple[int, float]]:
+        """Full-text query: every group must match (a group matches when any of its words does)."""
+        if self.sqlite:
+            if phrase and all(len(g) == 1 for g in groups):
+                match = '"' + " ".join(g[0] for g in groups) + '"'
+            else:
+                match = " AND ".join("(" + " OR ".join(f'"{w}"' for w in g) + ")" for g in groups)
+            sql = ("SELECT f.photo_id, -bm25(ocr_fts) AS s FROM ocr_fts f JOIN ocr_texts o ON o.photo_id = f.photo_id "
+                   "JOIN photos p ON p.id = f.photo_id WHERE ocr_fts MATCH :m AND p.status = 'indexed' "
+                   "AND o.content_hash IS p.content_hash ORDER BY s DESC, f.photo_id LIMIT :k")
+        else:
+            if phrase and all(len(g) == 1 for g in groups):
+                match = " <-> ".join(g[0] for g in groups)
+            else:
+                match = " & ".join("(" + " | ".join(g) + ")" for g in groups)
+            sql = ("SELECT o.photo_id, ts_rank(o.tsv, q) AS s FROM ocr_texts o JOIN photos p ON p.id = o.photo_id, "
+                   "to_tsquery('simple', :m) q WHERE o.tsv @@ q AND p.status = 'indexed' "
+                   "AND o.content_hash IS NOT DISTINCT FROM p.content_hash ORDER BY s DESC, o.photo_id LIMIT :k")
+        with self.catalog.engine.connect() as conn:
+            return [(int(i), float(s)) for i, s in conn.execute(text(sql), {"m": match, "k": k})]
+
+    def texts_of(self, ids: list[int]) -> dict[int, dict]:
+        """photo id -> {status, reason, text, lines} for the lightbox (matched words are highlighted there)."""
+        if not ids:
+            return {}
+        q = select(ocr_texts.c.photo_id, ocr_texts.c.status, ocr_texts.c.reason, ocr_texts.c.text,
+                   ocr_texts.c.lines).where(ocr_texts.c.photo_id.in_(ids))
+        with self.catalog.engine.connect() as conn:
+            return {int(r[0]): {"status": r[1], "reason": r[2], "text": r[3], "lines": json.loads(r[4])}
+                    for r in conn.execute(q)}
+
+    def failures(self, limit: int = 1000) -> list[dict]:
+        """Photos whose OCR failed or timed out, with the reason."""
+        q = (select(ocr_texts.c.photo_id, photos.c.path, ocr_texts.c.status, ocr_texts.c.reason)
+             .join(photos, photos.c.id == ocr_texts.c.photo_id).where(ocr_texts.c.status != "ok").limit(limit))
+        with self.catalog.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
