@@ -45,3 +45,20 @@ def test_explain_caption_ask_on_the_demo_library(tmp_path) -> None:
                 ("ask", "99999", "what colour?")):
         r = _cli(*bad, home=home)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) <= 2 and "Traceback" not in r.stderr
+
+
+@pytest.mark.integration
+def test_duplicates_groups_a_copied_photo_and_deletes_nothing(tmp_path) -> None:
+    import shutil
+
+    photos, home = tmp_path / "photos", tmp_path / "home"
+    assert _cli("make-sample", str(photos), "--count", "12", home=home).returncode == 0
+    original = sorted(photos.glob("*/*.jpg"))[0]
+    shutil.copy(original, photos / "copy-of-it.jpg")
+    assert _cli("index", str(photos), "--model", "demo", "--no-progress", home=home).returncode == 0
+    r = _cli("duplicates", "--json", home=home)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    paths = {m["path"] for g in doc["items"] for m in g["members"]}
+    assert doc["groups"] >= 1 and {str(original), str(photos / "copy-of-it.jpg")} <= paths
+    assert original.is_file() and (photos / "copy-of-it.jpg").is_file()

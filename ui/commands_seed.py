@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .commands_common import out, service_for
+from .commands_common import config_from, out, service_for
 from .registry import command
 
 
@@ -97,4 +97,42 @@ def cmd_ask(args: argparse.Namespace) -> int:
                   args.question)
     out(args, {"question": ans.question, "answer": ans.text, "confidence": ans.confidence, "how": ans.how},
         f"{ans.text}  (confidence {ans.confidence:.2f})")
+    return 0
+
+
+def _duplicates_args(p: argparse.ArgumentParser) -> None:
+    from clipsearch.search.duplicates import DEFAULT_PHASH_MAX, DEFAULT_THRESHOLD
+
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, metavar="T",
+                   help="cosine similarity from which two photos are candidates (0..1)")
+    p.add_argument("--phash-max", type=int, default=DEFAULT_PHASH_MAX, metavar="N",
+                   help="largest perceptual-hash distance (bits) that confirms a candidate pair")
+
+
+@command("duplicates", "group exact and near-duplicate photos (resized, recompressed, cropped, edited copies)",
+         arguments=_duplicates_args,
+         examples=("clipsearch duplicates", "clipsearch duplicates --threshold 0.93 --json"))
+def cmd_duplicates(args: argparse.Namespace) -> int:
+    """Print each group best-first (clipsearch never deletes a photo); no model is loaded."""
+    from clipsearch.indexer.app import open_parts, resolve_model
+    from clipsearch.indexer.errors import EmptyLibrary, UsageError
+    from clipsearch.indexer.ingest.cores import usable_cores
+    from clipsearch.search.duplicates import DuplicateOptions, duplicates_document, find_duplicate_groups
+
+    if not 0.0 < args.threshold <= 1.0 or args.phash_max < 0:
+        raise UsageError("--threshold must be in (0, 1] and --phash-max >= 0")
+    config = config_from(args)
+    parts = open_parts(config)
+    spec = resolve_model(config, parts.catalog)
+    mine = [s for s in parts.catalog.spaces() if s.model_spec == spec]
+    if not mine:
+        raise EmptyLibrary(f"nothing is indexed with model {spec} in {config.home}: nothing to compare")
+    groups = find_duplicate_groups(parts.catalog, max(mine, key=lambda s: s.id), args.threshold, args.phash_max,
+                                   options=DuplicateOptions(workers=usable_cores()))
+    doc = duplicates_document(groups)
+    lines = [f"{doc['groups']} groups, {doc['photos']} photos, {doc['reclaimable_bytes'] / 1e6:.1f} MB in copies"]
+    for g in groups:
+        lines.append(f"group of {len(g.members)}{' (identical files)' if g.exact else ''}:")
+        lines += [f"  {'keep' if m.id == g.keep.id else '    '} #{m.id:<6d} {m.path}" for m in g.members]
+    out(args, doc, "\n".join(lines))
     return 0
