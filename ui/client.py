@@ -6,8 +6,10 @@ whose catalog or model differs from what the caller asked for, or whose server d
 in time is ignored, so a crashed server never makes a command fail: the caller falls back to in-process.
 
 Only the standard library and clipsearch's own light modules are imported here (no numpy, torch, faiss or
-sqlalchemy): a command answered by a server starts in a fraction of a second. Replies are the same JSON the CLI
-prints with ``--json``; server errors come back as the same typed exceptions, so exit codes do not change.
+sqlalchemy): a command answered by a server starts in a fraction of a second. `Client` has SearchService's method
+signatures and its replies are the JSON the CLI prints with ``--json``, readable like the service's results; server
+errors come back as the same typed exceptions, so exit codes do not change. `ServerUnavailable` means "run this
+call in-process" (the server stopped answering, or an image is over its upload cap).
 """
 
 from __future__ import annotations
@@ -30,7 +32,11 @@ SERVER_FILE = "server.json"
 
 
 class ServerUnavailable(errors.ClipsearchError):
-    """The server named in HOME/server.json stopped answering mid-command (the caller may retry in-process)."""
+    """The server cannot answer this call (it stopped answering, or cannot take the input): run it in-process."""
+
+
+class TooLargeToUpload(ServerUnavailable):
+    """A local image over the server's upload cap: the in-process path reads it directly."""
 
 
 def server_file(config: AppConfig) -> Path:
@@ -106,19 +112,46 @@ def find_server(config: AppConfig, timeout: float = 1.0) -> Client | None:
     return client
 
 
+class Record(dict):
+    """A reply object exactly as `--json` prints it, also readable like the service's result objects (r.score,
+    p.dry_run, r.as_dict()), so the CLI prints a server's answer with the same code as an in-process one."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError as e:
+            raise AttributeError(name) from e
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dicts and lists all the way down (what `--json` prints)."""
+        return json.loads(json.dumps(self))
+
+
+def _records(value: Any) -> Any:
+    if isinstance(value, dict):
+        return Record({k: _records(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return [_records(v) for v in value]
+    return value
+
+
 @dataclass
 class RemotePage:
-    """A page of hits as the server sent them: `as_list()` is exactly what `--json` prints (like SearchPage)."""
+    """A page as the server sent it, shaped like SearchPage (hits, paging, counts) so the CLI prints either one;
+    `as_list()` is exactly what `--json` prints."""
 
-    hits: list[dict[str, Any]]
+    hits: list[Record]
     offset: int
     limit: int
     has_more: bool
     strong_cutoff: float | None = None
+    counts: dict[str, int] | None = None  # text queries: photos per relevance label
+    counts_exact: bool = True
+    note: str | None = None
 
     def as_list(self) -> list[dict[str, Any]]:
         """The hits as dicts (what `--json` prints)."""
-        return self.hits
+        return [h.as_dict() for h in self.hits]
 
 
 @dataclass
@@ -193,7 +226,8 @@ def _error_from(status: int, body: bytes) -> errors.ClipsearchError:
 
 
 class Client:
-    """Calls one running server; every method returns what the matching CLI command prints with `--json`."""
+    """Calls one running server with SearchService's method signatures, so the CLI can use either one: results are
+    what the CLI prints with `--json`, readable like the service's result objects (RemotePage, Record)."""
 
     def __init__(self, url: str, token: str | None = None, timeout: float | None = None,
                  max_upload_mb: float | None = None) -> None:
@@ -231,67 +265,73 @@ class Client:
         """What `clipsearch status --json` prints."""
         return self.request("GET", "/api/status")
 
-    def search(self, query: str, k: int = 20, offset: int = 0, strong: bool = False, sort: str = "relevance",
-               **filters: Any) -> RemotePage:
-        """Text→image (combined syntax; image terms are ids, never paths). Filters: folder, after, before,
-        tags, formats as for the CLI."""
+    def search(self, query: str, k: int = 20, offset: int = 0, filters: Any = None, strong: bool = False,
+               sort: str = "relevance") -> RemotePage:
+        """As SearchService.search. A combined query naming a local image file is the in-process path's to answer
+        (the server reads no paths): ServerUnavailable."""
+        from clipsearch.search.query import parse_query  # light: no numpy, no model
+
+        if any(t.kind == "image" for t in parse_query(query)):
+            raise ServerUnavailable("the query names a local image file: answered in-process")
         params = {"q": query, "k": k, "offset": offset, "strong": strong, "sort": sort, **_filter_params(filters)}
         return self._page(self.request("GET", "/api/search", params))
 
-    def similar(self, image: int | str | bytes, k: int = 20, offset: int = 0, strong: bool = False,
-                sort: str = "relevance", **filters: Any) -> RemotePage:
-        """Photos like an indexed id, a local image file (uploaded) or image bytes."""
+    def similar(self, ref: int | str | bytes, k: int = 20, offset: int = 0, filters: Any = None,
+                strong: bool = False, sort: str = "relevance") -> RemotePage:
+        """As SearchService.similar: an indexed id, a local image file (uploaded) or image bytes."""
         params = {"k": k, "offset": offset, "strong": strong, "sort": sort, **_filter_params(filters)}
-        if isinstance(image, int):
-            return self._page(self.request("GET", f"/api/similar/{image}", params))
+        if isinstance(ref, int):
+            return self._page(self.request("GET", f"/api/similar/{ref}", params))
         form = _Multipart()
-        self._add_image(form, "image", image)
+        self._add_image(form, "image", ref)
         return self._page(self.request("POST", "/api/similar", params, form))
 
     def describe(self, image: int | str | bytes, labels: str | list[str] | None = None, vocab: str | None = None,
-                 texts: str | None = None, k: int = 10,
-                 templates: str | list[str] | None = None) -> list[dict[str, Any]]:
-        """Ranked labels ({label, score}) for one image; `labels` and `templates` are text, a list, or a local file
-        (read here)."""
+                 texts: str | None = None, k: int = 10, templates: str | list[str] | None = None) -> list[Record]:
+        """As SearchService.describe; `labels`/`templates` are text, a list, or a local file (read here)."""
         form = _Multipart()
         self._add_image(form, "image", image)
         _add_text(form, "labels", labels)
         _add_text(form, "templates", templates)
         _add_fields(form, {"vocab": vocab, "texts": texts, "k": k})
-        return self.request("POST", "/api/describe", body=form)
+        return _records(self.request("POST", "/api/describe", body=form))
 
-    def classify(self, images: list[int | str | bytes], labels: str | list[str], templates: str | None = None,
-                 multi_label: bool = False, threshold: float | None = None, k: int = 5) -> list[dict[str, Any]]:
-        """Zero-shot classification; each result's `source` is the image as given (path or #id), as in-process."""
+    def classify(self, images: list[int | str | bytes], labels: str | list[str],
+                 templates: str | list[str] | None = None, multi_label: bool = False, threshold: float | None = None,
+                 k: int = 5) -> list[Record]:
+        """As SearchService.classify; each result's `source` is the image as given (path or #id), as in-process."""
         form = _Multipart()
         for image in images:
             self._add_image(form, "images", image)
         _add_text(form, "labels", labels)
         _add_text(form, "templates", templates)
         _add_fields(form, {"multi_label": multi_label, "threshold": threshold, "k": k})
-        results = self.request("POST", "/api/classify", body=form)
+        results = _records(self.request("POST", "/api/classify", body=form))
         for result, image in zip(results, images, strict=False):
             if isinstance(image, str) and not image.isdigit():
                 result["source"] = image
         return results
 
     def tag(self, labels: str | list[str], name: str | None = None, threshold: float | None = None,
-            multi_label: bool = False, dry_run: bool = False, templates: str | None = None,
-            **filters: Any) -> dict[str, Any]:
-        """Batch tagging (or its preview with dry_run): what `clipsearch tag --json` prints."""
+            multi_label: bool = False, filters: Any = None, dry_run: bool = False,
+            templates: str | list[str] | None = None, on_progress: Any = None, strong_only: bool = False) -> Record:
+        """As SearchService.tag (the server reports no progress: `on_progress` is not called)."""
         body = {"labels": _json_text(labels), "name": name, "threshold": threshold, "multi_label": multi_label,
-                "dry_run": dry_run, "templates": _json_text(templates), **_filter_params(filters)}
-        return self.request("POST", "/api/tag", body={k: v for k, v in body.items() if v is not None})
+                "dry_run": dry_run, "strong_only": strong_only, "templates": _json_text(templates),
+                **_filter_params(filters)}
+        return _records(self.request("POST", "/api/tag", body={k: v for k, v in body.items() if v is not None}))
 
-    def remove_tags(self, label_set: str) -> dict[str, Any]:
-        """Undo a tagging run: what `clipsearch tag --remove SET --json` prints."""
-        return self.request("DELETE", f"/api/tags/{urllib.parse.quote(label_set, safe='')}")
+    def remove_tags(self, label_set: str) -> int:
+        """As SearchService.remove_tags: how many tags went."""
+        return int(self.request("DELETE", f"/api/tags/{urllib.parse.quote(label_set, safe='')}")["removed"])
 
     def _page(self, hits: list[dict[str, Any]]) -> RemotePage:
         h = self.last_headers
-        cutoff = h.get("x-strong-cutoff")
-        return RemotePage(hits, int(h.get("x-offset", 0)), int(h.get("x-limit", len(hits))),
-                          h.get("x-has-more") == "true", float(cutoff) if cutoff else None)
+        cutoff, counts, note = h.get("x-strong-cutoff"), h.get("x-counts"), h.get("x-note")
+        return RemotePage(_records(hits), int(h.get("x-offset", 0)), int(h.get("x-limit", len(hits))),
+                          h.get("x-has-more") == "true", float(cutoff) if cutoff else None,
+                          json.loads(counts) if counts else None, h.get("x-counts-exact", "true") == "true",
+                          json.loads(note) if note else None)
 
     def _add_image(self, form: _Multipart, name: str, image: int | str | bytes) -> None:
         """An id goes as a field; a local file or bytes as an upload (checked against the server's cap first)."""
@@ -307,7 +347,7 @@ class Client:
             except OSError as e:
                 raise errors.BadImage(f"cannot read image {image}: {e.strerror or e}") from e
         if self.max_upload_mb and len(data) > self.max_upload_mb * 2**20:
-            raise errors.BadImage(f"{filename} is {len(data) / 2**20:.0f} MB; the server takes at most "
+            raise TooLargeToUpload(f"{filename} is {len(data) / 2**20:.0f} MB; the server takes at most "
                                   f"{self.max_upload_mb:g} MB per upload")
         form.parts.append((name, (filename, data)))
 
@@ -316,14 +356,17 @@ def _plain(value: Any) -> str:
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
-def _filter_params(filters: dict[str, Any]) -> dict[str, Any]:
-    """CLI filter names (folder, after, before, tags, formats) → the server's (tag and format repeat)."""
-    unknown = set(filters) - {"folder", "after", "before", "tags", "formats"}
-    if unknown:
-        raise TypeError(f"unknown filters: {sorted(unknown)}")
-    out = {k: filters.get(k) for k in ("folder", "after", "before") if filters.get(k)}
-    out.update({"tag": list(filters.get("tags") or []), "format": list(filters.get("formats") or [])})
-    return {k: v for k, v in out.items() if v not in (None, [])}
+def _filter_params(filters: Any) -> dict[str, Any]:
+    """A PhotoFilter (or anything with its attributes: folder, after, before, tags, formats) as query parameters."""
+    if filters is None:
+        return {}
+    out: dict[str, Any] = {"folder": getattr(filters, "folder", None) or None}
+    for name in ("after", "before"):
+        value = getattr(filters, name, None)
+        out[name] = value.isoformat() if hasattr(value, "isoformat") else value
+    out["tag"] = list(getattr(filters, "tags", ()) or ())
+    out["format"] = list(getattr(filters, "formats", ()) or ())
+    return {k: v for k, v in out.items() if v not in (None, "", [])}
 
 
 def _add_fields(form: _Multipart, fields: dict[str, Any]) -> None:

@@ -2,7 +2,8 @@
 
 Why a server: a fresh process pays for importing torch and building the model on every query; a warm one answers
 in milliseconds, and the CLI (through ui/client.py) and scripts share it. Replies are the JSON the CLI prints with
-``--json``; paging facts travel in headers (X-Offset, X-Limit, X-Has-More, X-Strong-Cutoff) so bodies stay equal.
+``--json``; what the CLI's text output adds travels in headers (X-Offset, X-Limit, X-Has-More, X-Strong-Cutoff,
+X-Counts, X-Counts-Exact, X-Note) so bodies stay equal.
 
 Safety rules: it binds 127.0.0.1 unless told otherwise, and a non-loopback bind needs a token that every request
 then carries (``Authorization: Bearer TOKEN``). Photos are served by catalogue id only; the server never opens a
@@ -21,6 +22,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Literal
 
 import uvicorn
@@ -156,8 +158,9 @@ async def tag(request: Request) -> Response:
     """A label set is replaced as a whole; a dry run writes nothing."""
     body, _refs = await io.read_body(request, io.TagBody, None)
     flt = io.photo_filter(body.folder, body.after, body.before, body.tag, body.format)
-    preview = await run_in_threadpool(_svc(request).tag, io.checked_labels(body.labels), body.name, body.threshold,
-                                      body.multi_label, flt, body.dry_run, body.templates)
+    preview = await run_in_threadpool(partial(_svc(request).tag, strong_only=body.strong_only),
+                                      io.checked_labels(body.labels), body.name, body.threshold, body.multi_label, flt,
+                                      body.dry_run, body.templates)
     return io.json_response(preview.as_dict())
 
 
@@ -290,8 +293,10 @@ def _bind(host: str, port: int) -> socket.socket:
     """A listening socket, or a one-line UsageError (port taken, address not on this machine)."""
     try:
         infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, _type, _proto, _name, addr = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        family, _type, proto, _name, addr = infos[0]
+        # proto must be IPPROTO_TCP: asyncio turns Nagle off (TCP_NODELAY) only for sockets that say so, and with
+        # Nagle on, a reply written in two parts waits ~40 ms for the client's delayed ACK.
+        sock = socket.socket(family, socket.SOCK_STREAM, proto or socket.IPPROTO_TCP)
     except OSError as e:
         raise errors.UsageError(f"cannot bind {host}:{port}: {e.strerror or e}") from e
     try:

@@ -72,6 +72,11 @@ def page_response(page: SearchPage) -> Response:
                "X-Has-More": "true" if page.has_more else "false"}
     if page.strong_cutoff is not None:
         headers["X-Strong-Cutoff"] = repr(float(page.strong_cutoff))
+    if getattr(page, "counts", None) is not None:  # text queries: photos per relevance label
+        headers["X-Counts"] = json.dumps(page.counts)
+        headers["X-Counts-Exact"] = "true" if getattr(page, "counts_exact", True) else "false"
+    if getattr(page, "note", None):
+        headers["X-Note"] = json.dumps(page.note)  # ASCII-escaped: header values are latin-1
     return json_response(page.as_list(), headers=headers)
 
 
@@ -223,6 +228,7 @@ class TagBody(_Body):
     threshold: float | None = Field(None, ge=0.0, le=1.0)
     multi_label: bool = False
     dry_run: bool = False
+    strong_only: bool = Field(False, description="tag only the strong matches of each label (as `tag --strong`)")
     templates: str | list[str] | None = None
     folder: str | None = None
     after: str | None = None
