@@ -13,7 +13,7 @@ $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) -e ".[dev,ray]"
+	$(PIP) -e ".[dev,ray,ocr]"
 	touch $@
 
 install: $(VENV)/.installed
