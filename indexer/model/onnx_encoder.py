@@ -20,9 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from clipsearch.indexer.errors import BadImage, ModelUnavailable
+from clipsearch.indexer.errors import ModelUnavailable
 from clipsearch.indexer.ingest.cores import usable_cores
-from clipsearch.indexer.ingest.decode import decode_bytes, preprocess
 from clipsearch.indexer.model.onnx_cache import (
     ExportMeta,
     OnnxUnsupported,
@@ -34,6 +33,7 @@ from clipsearch.indexer.model.onnx_cache import (
     unsupported_reason,
     verify_files,
 )
+from clipsearch.indexer.model.protocol import PixelInputs
 from clipsearch.indexer.model.tokenizer import VOCAB_FILE, BpeTokenizer
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-class OnnxEncoder:
+class OnnxEncoder(PixelInputs):
     """open_clip towers on ONNX Runtime (CPU), satisfying the Encoder Protocol with the torch encoder's space."""
 
     device = "cpu"
@@ -188,17 +188,6 @@ class OnnxEncoder:
         if x.ndim != 4 or x.shape[1:] != (size, size, 3):
             raise ValueError(f"pixels must be (N, {size}, {size}, 3) uint8, got {x.shape}")
         return _normalise(self._session("image").run(None, {"pixels": x})[0])
-
-    def encode_images(self, images: list[Any]) -> np.ndarray:
-        """Embed PIL images (already upright RGB) with the model's preprocessing."""
-        return self.encode_pixels(np.stack([preprocess(im, self.preprocess_spec) for im in images]))
-
-    def encode_image_bytes(self, data: bytes, max_pixels: int = 100_000_000) -> np.ndarray:
-        """Embed one uploaded/query image through the same safe decoder as the indexer; (1, D)."""
-        result = decode_bytes(data, self.preprocess_spec, max_pixels)
-        if result.pixels is None:
-            raise BadImage(f"cannot use this image: {result.reason or result.status}")
-        return self.encode_pixels(result.pixels[None])
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """Embed texts in batches of similar length; returns (N, D).

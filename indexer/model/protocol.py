@@ -13,7 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from clipsearch.indexer.ingest.decode import PreprocessSpec
+from clipsearch.indexer.errors import BadImage
+from clipsearch.indexer.ingest.decode import PreprocessSpec, decode_bytes, preprocess
 
 
 @dataclass(frozen=True)
@@ -59,3 +60,24 @@ class Encoder(Protocol):
     def limit_threads(self, n: int | None) -> Callable[[], None]:
         """Use at most n CPU threads; returns a function that restores the previous setting."""
         ...
+
+
+class PixelInputs:
+    """The image entry points every backend shares, built on its own `encode_pixels` and `preprocess_spec`: PIL
+    images and uploaded bytes go through the indexer's decoder, so a query image is prepared like an indexed one."""
+
+    preprocess_spec: PreprocessSpec
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:  # pragma: no cover - each backend defines it
+        raise NotImplementedError
+
+    def encode_images(self, images: list[Any]) -> np.ndarray:
+        """Embed PIL images (already upright RGB) with the model's preprocessing."""
+        return self.encode_pixels(np.stack([preprocess(im, self.preprocess_spec) for im in images]))
+
+    def encode_image_bytes(self, data: bytes, max_pixels: int = 100_000_000) -> np.ndarray:
+        """Embed one uploaded/query image through the same safe decoder as the indexer; (1, D)."""
+        result = decode_bytes(data, self.preprocess_spec, max_pixels)
+        if result.pixels is None:
+            raise BadImage(f"cannot use this image: {result.reason or result.status}")
+        return self.encode_pixels(result.pixels[None])

@@ -26,9 +26,9 @@ import open_clip
 import torch
 from open_clip.transformer import ResidualAttentionBlock
 
-from clipsearch.indexer.errors import BadImage, ModelUnavailable, UsageError
-from clipsearch.indexer.ingest.decode import PreprocessSpec, decode_bytes, preprocess
-from clipsearch.indexer.model.protocol import EmbeddingSpace
+from clipsearch.indexer.errors import ModelUnavailable, UsageError
+from clipsearch.indexer.ingest.decode import PreprocessSpec
+from clipsearch.indexer.model.protocol import EmbeddingSpace, PixelInputs
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def build_model(spec: str, device: str = "cpu") -> tuple[torch.nn.Module, Any, d
     return model, tokenizer, dict(open_clip.get_model_preprocess_cfg(model)), parsed
 
 
-class TorchEncoder:
+class TorchEncoder(PixelInputs):
     """open_clip on torch, satisfying the Encoder Protocol: L2-normalised float32 (N, D) under inference_mode."""
 
     def __init__(self, spec: str, device: str | None = None) -> None:
@@ -234,17 +234,6 @@ class TorchEncoder:
             x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
             x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self._mean).div_(self._std)
             return self._finish(self.model.encode_image(x))
-
-    def encode_images(self, images: list[Any]) -> np.ndarray:
-        """Embed PIL images (already upright RGB) with the model's preprocessing."""
-        return self.encode_pixels(np.stack([preprocess(im, self.preprocess_spec) for im in images]))
-
-    def encode_image_bytes(self, data: bytes, max_pixels: int = 100_000_000) -> np.ndarray:
-        """Embed one uploaded/query image through the same safe decoder as the indexer; (1, D)."""
-        result = decode_bytes(data, self.preprocess_spec, max_pixels)
-        if result.pixels is None:
-            raise BadImage(f"cannot use this image: {result.reason or result.status}")
-        return self.encode_pixels(result.pixels[None])
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """Embed texts in batches; returns (N, D).
