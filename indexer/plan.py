@@ -35,7 +35,7 @@ class Plan:
     todo: list[PlanItem] = field(default_factory=list)
     unchanged: int = 0
     scanned: int = 0
-    known_total: int = 0  # catalogued files before the run
+    known_total: int = 0  # catalogued files under the roots before the run (the vanish guard's base)
     vanished: dict[bytes, KnownFile] = field(default_factory=dict)  # under the roots, no longer on disk
     embedded: set[int] = field(default_factory=set)  # photo ids that already have this space's vector
     skipped_dirs: list[str] = field(default_factory=list)
@@ -73,9 +73,10 @@ def make_plan(catalog: Catalog, roots: list[Path], home: Path, space_id: int | N
     """Scan `roots` and diff against the catalog for the space `space_id` (None: a space with no vectors yet)."""
     roots = check_roots(roots, home)
     found = scan(roots, home, follow_symlinks)
-    known = catalog.known_files()
+    known = catalog.known_files(under=[os.fsencode(str(r)) for r in roots])  # this run's trees, not the library
     plan = Plan(roots, scanned=len(found.files), known_total=len(known))
-    plan.embedded = catalog.embedded_ids(space_id) if space_id is not None else set()
+    plan.embedded = catalog.embedded_ids(space_id, among=[k.id for k in known.values()]) \
+        if space_id is not None else set()
     plan.skipped_dirs = [f"{os.fsdecode(p)}: {r}" for p, r in found.skipped]
     plan.skipped_by_ext = Counter(getattr(found, "skipped_by_ext", None) or {})
     for f in found.files:

@@ -87,7 +87,7 @@ def test_a_v1_catalog_migrates_with_its_tags(catalog_url: str, killed_midway: bo
     cat.dispose()
 
     cat = Catalog(catalog_url)
-    assert cat.get_meta("schema_version") == str(SCHEMA_VERSION) == "2"
+    assert cat.get_meta("schema_version") == str(SCHEMA_VERSION) == "3"
     store = TagStore(cat)
     assert [(r.photo_id, r.label_set, r.label, round(r.score, 3)) for r in store.rows()] == [
         (a, "pets", "cat", 0.9), (b, "scenes", "beach", 0.7), (b, "pets", "dog", 0.8)]
@@ -197,3 +197,89 @@ def test_a_catalog_without_its_version_row_opens_as_the_version_its_tables_show(
         assert cat.counts_by_status()["indexed"] == 1
         assert [(r.label_set, r.label) for r in TagStore(cat).rows()] == ([("pets", "cat")] if made_by == "v1" else [])
         cat.dispose()
+
+
+def test_the_change_record_lists_what_changed_since_a_generation(catalog_url: str) -> None:
+    """The vector store applies only what changed: every write, copy, change and removal shows up in the right
+    space after the generation it happened in, and a generation bumps once per transaction."""
+    from clipsearch.indexer.storage import changes
+
+    cat = Catalog(catalog_url)
+    a, b = cat.ensure_space("a", "a", "a", 4), cat.ensure_space("b", "b", "b", 4)
+    vecs = np.eye(4, dtype=np.float32)
+    cat.write_batch(a, [_rec(b"p.jpg"), _rec(b"q.jpg")], {0: vecs[0], 1: vecs[1]})
+    p, q = sorted(cat.embedded_ids(a))
+    cat.write_batch(b, [], {}, extra_vectors={p: vecs[2]})
+    assert (cat.space(a).generation, cat.space(b).generation) == (1, 1)
+
+    changed = PhotoRecord(b"/photos/p.jpg", 11, 2_000_000_000, "indexed", content_hash="new", id=p)
+    cat.write_batch(a, [changed], {0: vecs[3]}, copies=[(q, _rec(b"copy.jpg"))])  # p's b vector goes too
+    (r,) = set(cat.embedded_ids(a)) - {p, q}
+    cat.remove_photos([q])
+    assert (cat.space(a).generation, cat.space(b).generation) == (3, 2)
+
+    def since(space_id: int, generation: int) -> tuple[list[int], dict[int, int]]:
+        ups = {int(i): int(np.argmax(v)) for ids, vs in changes.upserts_since(cat.engine, space_id, generation)
+               for i, v in zip(ids, vs, strict=True)}
+        return changes.removed_since(cat.engine, space_id, generation).tolist(), ups
+
+    assert since(a, 1) == ([p, q], {p: 3, r: 1})
+    assert since(a, 2) == ([q], {})
+    assert since(b, 1) == ([p], {})
+    assert since(a, 3) == ([], {})
+    summary = changes.summarize(cat.engine, a, 1)
+    assert (summary.generation, summary.upserts, summary.removals) == (3, 2, 2)
+    assert changes.prune(cat.engine, a, 2) == 1  # p's old vector, removed at generation 2
+    assert changes.summarize(cat.engine, a, 1) is None and cat.space(a).diff_from == 2
+    assert since(a, 2) == ([q], {})
+    cat.dispose()
+
+
+@pytest.mark.parametrize("killed_midway", [False, True])
+def test_a_v2_catalog_migrates_to_the_change_record(catalog_url: str, killed_midway: bool) -> None:
+    """v3 adds embeddings.seq, spaces.diff_from and embedding_removals. A v2 catalog opens, keeps its vectors, and
+    records changes from its current generation on (an index written by v2 predates that: it is rebuilt once)."""
+    from sqlalchemy import update
+
+    from clipsearch.indexer.storage import changes
+    from clipsearch.indexer.storage.schema import meta
+
+    cat = Catalog(catalog_url)
+    sid = cat.ensure_space("k", "test", "test", 4)
+    cat.write_batch(sid, [_rec(b"a.jpg"), _rec(b"b.jpg")], {0: np.eye(4, dtype=np.float32)[0],
+                                                            1: np.eye(4, dtype=np.float32)[1]})
+    with cat.engine.begin() as conn:  # turn it into what clipsearch v2 wrote
+        conn.exec_driver_sql("DROP INDEX ix_embeddings_seq")
+        conn.exec_driver_sql("ALTER TABLE embeddings DROP COLUMN seq")
+        conn.exec_driver_sql("ALTER TABLE spaces DROP COLUMN diff_from")
+        conn.exec_driver_sql("DROP TABLE embedding_removals")
+        conn.execute(update(meta).where(meta.c.key == "schema_version").values(value="2"))
+        if killed_midway:  # an earlier open added the column, then died before recording v3
+            conn.exec_driver_sql("ALTER TABLE embeddings ADD COLUMN seq BIGINT NOT NULL DEFAULT 0")
+    cat.dispose()
+
+    cat = Catalog(catalog_url)
+    assert cat.get_meta("schema_version") == str(SCHEMA_VERSION) == "3"
+    space = cat.space(sid)
+    assert (space.count, space.generation, space.diff_from) == (2, 1, 1)
+    assert changes.summarize(cat.engine, sid, 0) is None  # older than the record: rebuild
+    cat.remove_photos([min(cat.embedded_ids(sid))])
+    cat.write_batch(sid, [_rec(b"c.jpg")], {0: np.eye(4, dtype=np.float32)[2]})
+    summary = changes.summarize(cat.engine, sid, 1)
+    assert (summary.generation, summary.upserts, summary.removals) == (3, 1, 1)
+    cat.dispose()
+
+
+def test_known_files_and_vectors_can_be_read_for_some_folders_only(catalog_url: str) -> None:
+    """A run over one folder plans from that folder's rows (a range scan), not from every row of the library."""
+    cat = Catalog(catalog_url)
+    sid = cat.ensure_space("k", "test", "test", 4)
+    paths = [b"/lib/a/1.jpg", b"/lib/a/sub/\xff.jpg", b"/lib/a0.jpg", b"/lib/ab/2.jpg", b"/lib/b/3.jpg", b"/z.jpg"]
+    cat.write_batch(sid, [PhotoRecord(p, 1, 1, "indexed") for p in paths], {0: np.ones(4, np.float32) / 2})
+    assert set(cat.known_files(under=[b"/lib/a"])) == {b"/lib/a/1.jpg", b"/lib/a/sub/\xff.jpg"}
+    assert set(cat.known_files(under=[b"/lib/a/", b"/lib/b"])) == {b"/lib/a/1.jpg", b"/lib/a/sub/\xff.jpg",
+                                                                   b"/lib/b/3.jpg"}
+    assert cat.known_files(under=[]) == {} and len(cat.known_files()) == len(paths)
+    ids = {p: k.id for p, k in cat.known_files().items()}
+    assert cat.embedded_ids(sid, among=[ids[b"/lib/a/1.jpg"], ids[b"/z.jpg"]]) == {ids[b"/lib/a/1.jpg"]}
+    cat.dispose()

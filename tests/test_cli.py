@@ -32,6 +32,10 @@ def test_index_status_search_reindex_json(library, tmp_path) -> None:
     hits = json.loads(run("search", "a photo", "-k", "3", "--json", home=home).stdout)  # model from the catalog
     assert len(hits) == 3 and {"id", "path", "score"} <= set(hits[0])
     assert run("reindex", home=home).returncode == 0
+    opt = json.loads(run("optimize", "--json", home=home).stdout)
+    assert [(o["index_type"], o["vectors"]) for o in opt] == [("flat-ip", 8)]
+    again = json.loads(run("search", "a photo", "-k", "3", "--json", home=home).stdout)
+    assert [h["id"] for h in again] == [h["id"] for h in hits]  # same answers from the retrained index
 
 
 def test_errors_are_one_line_with_exit_codes(library, tmp_path) -> None:

@@ -1,4 +1,4 @@
-"""Library commands: index, status, reindex. Each reads its arguments, calls one service, prints text or `--json`.
+"""Library commands: index, status, reindex, optimize. Each reads its arguments, calls one service, prints text or `--json`.
 
 `status_data` lives in ui/status.py; it is re-exported here for callers that imported it from this module.
 """
@@ -150,4 +150,27 @@ def cmd_reindex(args: argparse.Namespace) -> int:
             parts.store.rebuild(s)
             done.append({"space": s.label, "vectors": parts.catalog.space(s.id).count})
     out(args, done, "\n".join(f"rebuilt {d['space']}: {d['vectors']} vectors" for d in done) or "no spaces yet")
+    return 0
+
+
+@command("optimize", "retrain each vector index for its current size and fold in the pending changes",
+         examples=("clipsearch optimize", "clipsearch optimize --json"))
+def cmd_optimize(args: argparse.Namespace) -> int:
+    """Retrain every space's index for its size class and compact it (a writer: it holds the writer lock).
+
+    Adds and removals are applied in place and an index is only retrained when it has grown 4x or changed size
+    class; `optimize` does it now, e.g. after a large import, and prunes removal records no index needs."""
+    from clipsearch.indexer.app import open_parts
+    from clipsearch.indexer.lock import hold_writer_lock
+
+    config = config_from(args)
+    parts = open_parts(config)
+    done = []
+    with hold_writer_lock(config.home, config.db_url):
+        for s in parts.catalog.spaces():
+            r = parts.store.optimize(s)
+            done.append({"space": s.label, "index_type": r.index_type, "vectors": r.vectors,
+                         "seconds": round(r.seconds, 3), "pruned_removals": r.pruned_removals})
+    out(args, done, "\n".join(f"optimized {d['space']}: {d['index_type']}, {d['vectors']} vectors in "
+                              f"{d['seconds']:.2f}s" for d in done) or "no spaces yet")
     return 0

@@ -32,7 +32,10 @@ from clipsearch.indexer.errors import CatalogError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # v2: tags reference integer label ids (tag_labels) instead of repeating the strings
+# v2: tags reference integer label ids (tag_labels) instead of repeating the strings
+# v3: every vector records the space generation that wrote it (embeddings.seq), removals leave a row in
+#     embedding_removals, so the vector store applies only what changed since the generation its files cover
+SCHEMA_VERSION = 3
 
 metadata = MetaData()
 
@@ -70,6 +73,9 @@ spaces = Table(
     Column("dim", Integer, nullable=False),
     Column("generation", BigInteger, nullable=False, default=0),  # bumped by every change to its vectors
     Column("created_at", DateTime, nullable=False),
+    # Changes are on record from this generation on (0: since the space began). An index covering an older
+    # generation cannot be brought up to date from the change record and is rebuilt.
+    Column("diff_from", BigInteger, nullable=False, default=0, server_default="0"),
 )
 
 embeddings = Table(
@@ -78,7 +84,22 @@ embeddings = Table(
     Column("photo_id", Integer, ForeignKey("photos.id", ondelete="CASCADE"), primary_key=True),
     Column("space_id", Integer, ForeignKey("spaces.id", ondelete="CASCADE"), primary_key=True),
     Column("vector", LargeBinary, nullable=False),  # float32 little-endian, L2-normalised
+    # The space generation of the transaction that wrote this vector: "what changed since generation G" is a range
+    # scan of ix_embeddings_seq. Vectors written before schema v3 carry 0.
+    Column("seq", BigInteger, nullable=False, default=0, server_default="0"),
     Index("ix_embeddings_space", "space_id", "photo_id"),
+    Index("ix_embeddings_seq", "space_id", "seq", "photo_id"),
+)
+
+# One row per vector removed from a space (photo deleted, or changed: its old vector goes), with the generation of
+# the removing transaction; clustered by (space, generation) so the store reads "removed since G" as one range.
+embedding_removals = Table(
+    "embedding_removals",
+    metadata,
+    Column("space_id", BigInteger, primary_key=True),
+    Column("generation", BigInteger, primary_key=True),
+    Column("photo_id", BigInteger, primary_key=True),
+    sqlite_with_rowid=False,
 )
 
 tag_labels = Table(
@@ -161,8 +182,24 @@ def _v1_to_v2(conn: Connection) -> None:
     conn.exec_driver_sql("DROP TABLE tags_v1")
 
 
+def _v2_to_v3(conn: Connection) -> None:
+    """Add the change record: embeddings.seq, spaces.diff_from (and embedding_removals, made by create_all).
+
+    Resumable: each step checks what is already there (SQLite may commit the ALTERs on their own). Existing vectors
+    get seq 0 and each space's record starts at its current generation, so an index written by v2 is rebuilt once
+    rather than trusted with a change record it predates.
+    """
+    columns = {t: {c["name"] for c in inspect(conn).get_columns(t)} for t in ("embeddings", "spaces")}
+    if "seq" not in columns["embeddings"]:
+        conn.exec_driver_sql("ALTER TABLE embeddings ADD COLUMN seq BIGINT NOT NULL DEFAULT 0")
+    conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_embeddings_seq ON embeddings (space_id, seq, photo_id)")
+    if "diff_from" not in columns["spaces"]:
+        conn.exec_driver_sql("ALTER TABLE spaces ADD COLUMN diff_from BIGINT NOT NULL DEFAULT 0")
+    conn.exec_driver_sql("UPDATE spaces SET diff_from = generation")  # in the transaction that records v3
+
+
 # Migrations: MIGRATIONS[n] upgrades a catalog from version n to n + 1 inside one transaction.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def _stored_version(conn: Connection, tables: set[str]) -> int:
@@ -178,7 +215,8 @@ def _stored_version(conn: Connection, tables: set[str]) -> int:
         return int(row[0])
     v1_tags = "tags_v1" in tables or (
         "tags" in tables and "label_set" in {c["name"] for c in inspect(conn).get_columns("tags")})
-    version = 1 if v1_tags else SCHEMA_VERSION
+    v2_vectors = "embeddings" in tables and "seq" not in {c["name"] for c in inspect(conn).get_columns("embeddings")}
+    version = 1 if v1_tags else 2 if v2_vectors else SCHEMA_VERSION
     conn.execute(meta.insert().values(key="schema_version", value=str(version)))
     return version
 

@@ -1,313 +1,384 @@
-"""FAISS vector store: one index per embedding space, derived from the catalog, with a manifest beside it.
+"""FAISS vector store: one index per embedding space, derived from the catalog, updated in place.
 
-Files per space in the index dir: ``<key>.<generation>.faiss`` and ``<key>.manifest.json``. The manifest is
-written last and atomically; it is the commit point, so a crash leaves either the old or the new pair. On load, a
-manifest that disagrees with the catalog (space, dim, count, generation) or an unreadable file means a rebuild
-from the catalog: never a silently stale answer.
+Per space the index dir holds a base (FAISS file + ids, and float16 re-rank vectors for IVF-PQ), a delta of the
+changes since the base, and ``<key>.manifest.json`` naming them with the catalog generation they cover. Files are
+written once under fresh names and the manifest is replaced atomically, last: a reader sees the old set or the
+new one, never a torn one (index_files.py).
 
-Index types: exact inner product (``IndexFlatIP`` under an id map) up to ``exact_max`` vectors; above it an
-``IndexIVFFlat``: it keeps full vectors (no quantisation, which hurts text->image recall), so its candidates are
-scored exactly, and ``nprobe`` trades speed for recall.
+* ``sync`` (the indexer, after its catalog commits) reads what changed since the manifest's generation from the
+  catalog's change record (changes.py) and writes a new delta; past ``delta_max`` changes the delta is merged into
+  a new base, and past a size threshold the index is retrained (index_kinds.py). A crash between the catalog
+  commit and the index write is repaired the same way, on the next open: only the difference is applied.
+* A query never rebuilds: when the files lag the catalog it searches the missing vectors exactly beside the index
+  (logged at INFO, which ``-v`` shows); a gap of more than ``overlay_max`` changes is written as ``sync`` would.
+  Only a damaged, missing or foreign index is rebuilt from the catalog, with one warning line.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
-import tempfile
+import secrets
 import threading
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
 
 from clipsearch.indexer.errors import IndexUnavailable
+from clipsearch.indexer.storage import changes
 from clipsearch.indexer.storage.catalog import Catalog, SpaceInfo
+from clipsearch.indexer.storage.index_build import StoreOptions, build_base, merge_base, open_base
+from clipsearch.indexer.storage.index_files import (
+    MANIFEST_VERSION,
+    collect_garbage,
+    fresh_name,
+    manifest_path,
+    read_manifest,
+    read_through,
+    write_manifest,
+    writer_lock,
+)
+from clipsearch.indexer.storage.index_kinds import Kind, choose_kind, needs_retrain, sample_size
+from clipsearch.indexer.storage.index_state import (
+    Base,
+    Delta,
+    IndexView,
+    Knobs,
+    OptimizeReport,
+    SpaceIndex,
+    StoreStats,
+    load_delta,
+    save_delta,
+)
+
+__all__ = ["IndexView", "OptimizeReport", "StoreOptions", "StoreStats", "VectorStore"]
 
 log = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
-
-
-@dataclass(frozen=True)
-class StoreOptions:
-    """Index-type policy."""
-
-    exact_max: int = 50_000  # up to this many: exact search (~0.19 us/vector at 512-d on 2 cores: ~10 ms at 50k)
-    nprobe: int = 48  # IVF lists visited per query (bench/RESULTS.md: recall@10 >= 0.95 at 1M)
-    train_per_list: int = 64  # training sample per IVF list (capped at 262,144 vectors)
-    auto_rebuild: bool = True  # rebuild from the catalog on mismatch; False raises IndexUnavailable instead
-
-
-@dataclass
-class _Loaded:
-    index: faiss.Index
-    generation: int
-    kind: str
-
-
-# Loaded indexes are never modified (a change rebuilds and replaces the file), so they are memory-mapped: loading
-# 1M vectors takes milliseconds instead of seconds of copying 2 GB, lists are paged in as searches touch them, and
-# a file replaced by a rebuild stays valid for a reader that still maps it.
-_READ_FLAGS = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)  # combined, the two flags fail on IVF files
-
-
-def _read_through(path: Path) -> None:
-    """Read a file start to end so that its pages sit in the OS page cache (a hint; never fails).
-
-    Why not rely on the memory map or posix_fadvise: faulting a cold mapped index in page by page ran at ~25 MB/s
-    on the project's VM (73 s for the 2 GB index of a million photos), and WILLNEED barely helped, while one
-    sequential read of the same file takes 2.5 s.
-    """
-    buf = bytearray(16 << 20)
-    try:
-        with open(path, "rb", buffering=0) as f:
-            while f.readinto(buf):
-                pass
-    except OSError:
-        pass
-
-
-def _fsync_replace(tmp: str, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
 
 class VectorStore:
-    """Loads, builds and searches the per-space FAISS indexes; thread-safe for concurrent readers."""
+    """Loads, catches up, writes and searches the per-space indexes; thread-safe for concurrent readers."""
 
     def __init__(self, index_dir: Path, catalog: Catalog, options: StoreOptions = StoreOptions()) -> None:
         self.dir = Path(index_dir)
         self.catalog = catalog
         self.options = options
-        self._loaded: dict[str, _Loaded] = {}
+        self.stats = StoreStats()
+        self._loaded: dict[str, SpaceIndex] = {}
+        self._tokens: dict[str, str] = {}  # key -> token of the manifest the loaded state came from
         self._lock = threading.Lock()
-        self._prefetching: dict[str, threading.Thread] = {}  # index file -> the thread reading it into the cache
+        self._prefetching: dict[str, threading.Thread] = {}
+        self._knobs = Knobs(options.nprobe, options.pq_nprobe, options.rerank)
+        self._catalog_id: str | None = None
 
     def manifest_path(self, space: SpaceInfo) -> Path:
         """Where the manifest of a space lives."""
-        return self.dir / f"{space.key}.manifest.json"
+        return manifest_path(self.dir, space.key)
 
     def read_manifest(self, space: SpaceInfo) -> dict | None:
         """The manifest as written, or None when absent or unreadable."""
-        try:
-            return json.loads(self.manifest_path(space).read_text())
-        except (OSError, ValueError):
-            return None
+        return read_manifest(self.manifest_path(space))
 
-    # --- building ----------------------------------------------------------------------------------------------
-    def new_index(self, dim: int, count: int, sample: np.ndarray | None) -> tuple[faiss.Index, str]:
-        """An empty index of the type the policy picks for `count` vectors (trained on `sample` if IVF)."""
-        if count <= self.options.exact_max or sample is None:
-            return faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), "flat-ip"
-        nlist = int(min(65536, max(64, 4 * math.sqrt(count))))
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(sample)
-        index.nprobe = self.options.nprobe
-        return index, f"ivf{nlist}-flat-ip"
+    def _identity(self) -> str:
+        if self._catalog_id is None:
+            self._catalog_id = self.catalog.identity()
+        return self._catalog_id
 
-    def _training_sample(self, space: SpaceInfo) -> np.ndarray | None:
-        if space.count <= self.options.exact_max:
-            return None
-        nlist = int(min(65536, max(64, 4 * math.sqrt(space.count))))
-        want = min(space.count, max(nlist * 39, min(262_144, nlist * self.options.train_per_list)))
-        parts, have = [], 0
-        stride = max(1, space.count // want)
-        for _ids, vecs in self.catalog.iter_vectors(space.id):
-            parts.append(vecs[::stride])
-            have += len(parts[-1])
-        return np.ascontiguousarray(np.concatenate(parts)[:want]) if have else None
-
-    def rebuild(self, space: SpaceInfo) -> faiss.Index:
-        """Build the space's index from the catalog and write it atomically with its manifest."""
-        space = self.catalog.space(space.id)  # fresh generation/count
-        index, kind = self.new_index(space.dim, space.count, self._training_sample(space))
-        n = 0
-        for ids, vecs in self.catalog.iter_vectors(space.id):
-            index.add_with_ids(np.ascontiguousarray(vecs), ids)
-            n += len(ids)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        final = self.dir / f"{space.key}.{space.generation}.faiss"
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{space.key}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            faiss.write_index(index, tmp)
-            _fsync_replace(tmp, final)
-            manifest = {
-                "manifest_version": MANIFEST_VERSION,
-                "space_key": space.key,
-                "space_label": space.label,
-                "model_spec": space.model_spec,
-                "dim": space.dim,
-                "metric": "inner_product",
-                "index_type": kind,
-                "count": n,
-                "generation": space.generation,
-                "file": final.name,
-                "written_at": datetime.now().isoformat(timespec="seconds"),
-            }
-            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{space.key}.", suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(manifest, f, indent=2)
-            _fsync_replace(tmp, self.manifest_path(space))
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        for old in self.dir.glob(f"{space.key}.*.faiss"):
-            if old != final:
-                old.unlink(missing_ok=True)
-        log.info("built %s index for %s: %d vectors (generation %d)", kind, space.label, n, space.generation)
-        self._loaded[space.key] = _Loaded(index, space.generation, kind)
-        return index
-
-    # --- loading -----------------------------------------------------------------------------------------------
-    def _problem(self, space: SpaceInfo, manifest: dict | None) -> str | None:
+    # --- opening -----------------------------------------------------------------------------------------------
+    def _manifest_problem(self, space: SpaceInfo, manifest: dict | None) -> str | None:
+        """Why the manifest cannot be trusted for this space of this catalog, or None."""
         if manifest is None:
             return "no index manifest"
-        expect = {"space_key": space.key, "dim": space.dim, "count": space.count, "generation": space.generation}
-        for field, want in expect.items():
+        if manifest.get("manifest_version") != MANIFEST_VERSION:
+            return f"index written by another clipsearch version (manifest v{manifest.get('manifest_version')})"
+        mine = {"catalog_id": self._identity(), "space_key": space.key, "space_id": space.id, "dim": space.dim}
+        for field, want in mine.items():
             if manifest.get(field) != want:
-                return f"manifest {field}={manifest.get(field)!r} but catalog has {want!r}"
-        if not (self.dir / str(manifest.get("file"))).is_file():
-            return "index file missing"
+                return f"manifest {field}={manifest.get(field)!r} but this catalog's space has {want!r}"
+        generation = int(manifest.get("generation", -1))
+        if generation > space.generation:
+            now = self.catalog.space(space.id, with_count=False).generation  # a writer may have moved on since
+            if generation > now:
+                return f"index covers generation {generation}, ahead of the catalog's {now}"
+        if generation < space.diff_from:
+            return f"index covers generation {generation}, older than the catalog's change record ({space.diff_from})"
         return None
 
-    def index_for(self, space: SpaceInfo) -> faiss.Index:
-        """The up-to-date index of a space: cached, loaded from disk, or rebuilt from the catalog."""
-        generation = self.catalog.space(space.id, with_count=False).generation  # one-row read per query
-        with self._lock:
-            cached = self._loaded.get(space.key)
-            if cached and cached.generation == generation:
-                return cached.index
-            space = self.catalog.space(space.id)  # counted only when the index must be (re)loaded
+    def _open(self, space: SpaceInfo, manifest: dict) -> SpaceIndex:
+        """The state the manifest names; ValueError when its base is unusable. A damaged delta only costs a
+        catch-up from the base's generation (logged), never a rebuild."""
+        cached = self._loaded.get(space.key)
+        entry = manifest["base"]
+        if cached is not None and cached.base.file == entry["file"]:
+            base = cached.base
+        else:
+            base = open_base(self.dir, entry, space.dim)
+        delta, generation = Delta.empty(space.dim), base.generation
+        if manifest.get("delta"):
+            try:
+                delta, meta = load_delta(self.dir / manifest["delta"]["file"], space.dim)
+                want = {"space_key": space.key, "base_file": base.file, "generation": manifest["generation"]}
+                if {k: meta.get(k) for k in want} != want:
+                    raise ValueError(f"delta file belongs to {meta}")
+                generation = int(manifest["generation"])
+            except (ValueError, OSError) as e:
+                if self.read_manifest(space) != manifest:  # a writer replaced the set (and dropped this delta)
+                    raise ValueError("the manifest was replaced while it was read") from e
+                log.warning("index for %s: %s; re-applying the catalog's changes since generation %d",
+                            space.label, e, base.generation)
+                delta = Delta.empty(space.dim)
+        else:
+            generation = int(manifest["generation"])
+        state = SpaceIndex(base, delta, generation, generation, space.dim, self._knobs)
+        if generation == int(manifest["generation"]) and state.count != manifest.get("count"):
+            raise ValueError(f"index files hold {state.count} vectors, the manifest says {manifest.get('count')}")
+        return state
+
+    def _disk_state(self, space: SpaceInfo, writer: bool) -> SpaceIndex:
+        """The state on disk (reused when this process loaded the same files), or a rebuilt one when it is missing
+        or damaged. A reader of a space never written starts from an empty index and catches up in memory."""
+        for _attempt in range(3):
             manifest = self.read_manifest(space)
-            problem = self._problem(space, manifest)
+            cached = self._loaded.get(space.key)
+            if cached is not None and not writer and manifest is None and not cached.base.file:
+                return cached  # still never written: keep catching up in memory from where it is
+            if (cached is not None and manifest and manifest.get("token") == self._tokens.get(space.key)
+                    and (not writer or cached.generation == cached.disk_generation)):
+                return cached
+            problem = self._manifest_problem(space, manifest)
             if problem is None:
                 try:
-                    index = faiss.read_index(str(self.dir / manifest["file"]), _READ_FLAGS)
-                    if index.ntotal != space.count or index.d != space.dim:
-                        raise ValueError(f"index holds {index.ntotal}x{index.d}")
-                    if hasattr(index, "nprobe"):
-                        index.nprobe = self.options.nprobe
-                    self._loaded[space.key] = _Loaded(index, space.generation, manifest.get("index_type", "?"))
-                    return index
-                except (RuntimeError, ValueError) as e:
-                    problem = f"damaged index file ({str(e).splitlines()[0][:120]})"
-            if not self.options.auto_rebuild:
-                raise IndexUnavailable(f"index for {space.label} is not usable: {problem}; run `clipsearch reindex`")
-            log.warning("rebuilding index for %s from the catalog: %s", space.label, problem)
-            return self.rebuild(space)
+                    state = self._open(space, manifest)  # type: ignore[arg-type]
+                    self._tokens[space.key] = manifest["token"]  # type: ignore[index]
+                    return state
+                except ValueError as e:
+                    problem = str(e)
+            if self.read_manifest(space) == manifest:  # not replaced by a writer while we read: a real problem
+                break
+        if manifest is None and not writer and space.diff_from == 0:
+            return self._empty(space)
+        with writer_lock(self.dir, space.key):
+            if self.read_manifest(space) != manifest:  # another process wrote (or repaired) it meanwhile
+                return self._disk_state(space, writer)
+            return self._build(space, problem or "unusable index", warn=manifest is not None)
 
-    def prefetch(self, space: SpaceInfo) -> None:
-        """Start reading the space's index file into the OS page cache on a background thread (a hint; never fails).
+    def _empty(self, space: SpaceInfo) -> SpaceIndex:
+        base = Base(faiss.IndexIDMap2(faiss.IndexFlatIP(space.dim)), Kind("flat"), np.zeros(0, np.int64), [],
+                    0, 0, {})
+        return SpaceIndex(base, Delta.empty(space.dim), 0, 0, space.dim, self._knobs)
 
-        Tagging calls this before encoding its labels, so a cold index (2 GB at 1M photos) comes off the disk
-        while the text tower runs instead of after it.
-        """
-        path = self._index_file(space)
-        if path is not None:
-            thread = threading.Thread(target=_read_through, args=(path,), name="index-prefetch", daemon=True)
-            self._prefetching[str(path)] = thread
-            thread.start()
+    def _current(self, space: SpaceInfo) -> SpaceIndex:
+        """The state a query searches: cached while the catalog's generation is unchanged (one-row read)."""
+        info = self.catalog.space(space.id, with_count=False)
+        cached = self._loaded.get(info.key)
+        if cached is not None and cached.generation == info.generation:
+            return cached
+        with self._lock:
+            cached = self._loaded.get(info.key)
+            if cached is not None and cached.generation == info.generation:
+                return cached
+            state = self._disk_state(info, writer=False)
+            if state.generation < info.generation:
+                state = self._catch_up_in_memory(info, state)
+            self._loaded[info.key] = state
+            return state
 
-    def _index_file(self, space: SpaceInfo) -> Path | None:
-        """The index file the manifest names, or None without a manifest."""
-        manifest = self.read_manifest(space)
-        return None if manifest is None else self.dir / str(manifest.get("file"))
+    def _catch_up_in_memory(self, space: SpaceInfo, state: SpaceIndex) -> SpaceIndex:
+        """Apply the catalog's changes since `state` in memory (a query never rebuilds); a gap larger than
+        `overlay_max` is written to disk instead, as `sync` would."""
+        summary = changes.summarize(self.catalog.engine, space.id, state.generation)
+        if summary is None or summary.upserts + summary.removals > self.options.overlay_max:
+            return self._sync(space)
+        new = self._apply(space, state, summary.generation)
+        self.stats.answered_behind += 1
+        log.info("index for %s is behind the catalog (generation %d < %d): %d written and %d removed vectors are "
+                 "searched exactly beside it until `clipsearch index` updates it", space.label,
+                 state.disk_generation, summary.generation, summary.upserts, summary.removals)
+        return new
 
-    def _warm(self, space: SpaceInfo) -> None:
-        """Have the index file in the page cache before streaming all of it: wait for a prefetch, else read it."""
-        path = self._index_file(space)
-        if path is None:
-            return
-        thread = self._prefetching.pop(str(path), None)
-        if thread is not None:
-            thread.join()
-        else:
-            _read_through(path)
+    def _apply(self, space: SpaceInfo, state: SpaceIndex, generation: int) -> SpaceIndex:
+        """`state` with the catalog's changes since its generation applied (in memory)."""
+        removed = changes.removed_since(self.catalog.engine, space.id, state.generation)
+        parts = list(changes.upserts_since(self.catalog.engine, space.id, state.generation))
+        ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+        vecs = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, space.dim), np.float32)
+        self.stats.upserts_applied += len(ids)
+        self.stats.removals_applied += len(removed)
+        return state.caught_up(removed, ids, vecs, generation)
 
+    # --- writing -----------------------------------------------------------------------------------------------
     def sync(self, space: SpaceInfo) -> None:
-        """Make the on-disk index of a space match the catalog (called at the end of an indexing run)."""
-        space = self.catalog.space(space.id)
-        if self._problem(space, self.read_manifest(space)) is not None:
-            self.rebuild(space)
+        """Bring the space's files up to the catalog by applying only what changed (the indexer calls this after
+        its commits). A counted `space` (count >= 0) at the covered generation is also checked against the files."""
+        state = self._sync(space)
+        if space.count >= 0 and space.generation == state.generation and space.count != state.count:
+            info = self.catalog.space(space.id, with_count=False)
+            with writer_lock(self.dir, info.key):
+                self._build(info, f"index holds {state.count} vectors, the catalog {space.count}", warn=True)
+
+    def _sync(self, space: SpaceInfo) -> SpaceIndex:
+        info = self.catalog.space(space.id, with_count=False)
+        with writer_lock(self.dir, info.key):
+            state = self._catch_up_on_disk(info, self._disk_state(info, writer=True))
+        self._loaded[info.key] = state
+        return state
+
+    def _catch_up_on_disk(self, space: SpaceInfo, state: SpaceIndex) -> SpaceIndex:
+        """Write the catalog's changes since the files' generation: a new delta, or past `delta_max` a merged base,
+        or past a size threshold a retrained one. Called under the writer lock."""
+        summary = changes.summarize(self.catalog.engine, space.id, state.generation)
+        if summary is None:
+            return self._build(space, f"the catalog's change record does not reach back to generation "
+                                      f"{state.generation}", warn=True)
+        if summary.generation == state.generation:
+            return state
+        if summary.upserts + summary.removals > self.options.catchup_max:
+            return self._build(space, f"{summary.upserts + summary.removals} changes to apply", warn=False)
+        t0, o = time.perf_counter(), self.options
+        new = self._apply(space, state, summary.generation)
+        wanted = choose_kind(new.count, space.dim, o.exact_max, o.pq_min, o.pq_nlist_max)
+        why = needs_retrain(new.base.kind, new.base.trained_count, new.count, wanted, o.retrain_growth)
+        if why is not None:
+            return self._build(space, why, warn=False)
+        merged = new.delta.size() > o.delta_max
+        if merged:
+            entry = merge_base(self.dir, space.key, new.base, new.delta, summary.generation, o.max_segments)
+            out = self._publish(space, entry, None, Delta.empty(space.dim), summary.generation)
+            self.stats.merges += 1
+        else:
+            out = self._publish(space, new.base.entry, new.base, new.delta, summary.generation)
+            self.stats.delta_writes += 1
+        log.info("index for %s: applied %d written and %d removed vectors (generation %d -> %d) in %.2fs%s",
+                 space.label, summary.upserts, summary.removals, state.generation, summary.generation,
+                 time.perf_counter() - t0, "; merged into a new base" if merged else "")
+        return out
+
+    def _publish(self, space: SpaceInfo, entry: dict[str, Any], base: Base | None, delta: Delta,
+                 generation: int) -> SpaceIndex:
+        """Write the delta (if any) and the manifest that makes the set current; drop files no longer named."""
+        delta_entry = None
+        if delta.size():
+            name = fresh_name(space.key, "delta", generation, "npz")
+            save_delta(self.dir / name, delta, {"space_key": space.key, "base_file": entry["file"],
+                                                "generation": generation})
+            delta_entry = {"file": name, "vectors": len(delta.ids), "hidden": len(delta.hidden)}
+        if base is None:
+            base = open_base(self.dir, entry, space.dim)
+        state = SpaceIndex(base, delta, generation, generation, space.dim, self._knobs)
+        manifest = {
+            "manifest_version": MANIFEST_VERSION, "token": secrets.token_hex(8), "catalog_id": self._identity(),
+            "space_id": space.id, "space_key": space.key, "space_label": space.label, "model_spec": space.model_spec,
+            "dim": space.dim, "metric": "inner_product", "index_type": base.kind.label, "count": state.count,
+            "generation": generation, "file": entry["file"], "base": entry, "delta": delta_entry,
+            "written_at": datetime.now().isoformat(timespec="seconds"),
+        }
+        write_manifest(self.manifest_path(space), manifest)
+        keep = {entry["file"], entry["ids_file"], *([delta_entry["file"]] if delta_entry else [])}
+        keep |= {name for seg in entry.get("rerank", []) for name in (seg["ids"], seg["vecs"])}
+        collect_garbage(self.dir, space.key, keep)
+        self._tokens[space.key] = manifest["token"]
+        return state
+
+    def _build(self, space: SpaceInfo, reason: str, warn: bool) -> SpaceIndex:
+        """A new base from the whole catalog (first build, repair, retrain, optimize), or IndexUnavailable when
+        auto_rebuild is off. Streams the catalog: memory holds the index, not a copy of every vector."""
+        if not self.options.auto_rebuild:
+            raise IndexUnavailable(f"index for {space.label} is not usable: {reason}; run `clipsearch reindex`")
+        (log.warning if warn else log.info)("index for %s: %s; building it from the catalog", space.label, reason)
+        t0, o = time.perf_counter(), self.options
+        with writer_lock(self.dir, space.key):
+            counted = self.catalog.space(space.id)  # generation read before streaming: later changes re-apply
+            kind = choose_kind(counted.count, space.dim, o.exact_max, o.pq_min, o.pq_nlist_max)
+            sample = self._sample(space, kind, counted.count)
+            spent = {"sample": time.perf_counter() - t0}
+            entry = build_base(self.dir, space.key, space.dim, kind, sample, self.catalog.iter_vectors(space.id),
+                               counted.generation, spent)
+            state = self._publish(counted, entry, None, Delta.empty(space.dim), counted.generation)
+        self.stats.full_builds += 1
+        self._loaded[space.key] = state
+        log.info("built %s index for %s: %d vectors (generation %d) in %.1fs (%s)", state.kind, space.label,
+                 state.count, state.generation, time.perf_counter() - t0,
+                 ", ".join(f"{k} {v:.1f}s" for k, v in spent.items()))
+        return state
+
+    def _sample(self, space: SpaceInfo, kind: Kind, count: int) -> np.ndarray | None:
+        """A random training sample read by id (an ids-only scan, then point reads), not a pass over every vector."""
+        n = sample_size(kind, count, self.options.train_per_list)
+        if n == 0:
+            return None
+        ids = changes.vector_ids(self.catalog.engine, space.id)
+        pick = np.sort(np.random.default_rng(0).choice(len(ids), size=min(n, len(ids)), replace=False))
+        return changes.vectors_of(self.catalog.engine, space.id, ids[pick])
+
+    def rebuild(self, space: SpaceInfo) -> IndexView:
+        """Build the space's index from the catalog afresh (`clipsearch reindex`)."""
+        return IndexView(self._build(self.catalog.space(space.id, with_count=False), "rebuild requested", False))
+
+    def optimize(self, space: SpaceInfo) -> OptimizeReport:
+        """Retrain the space's index for its current size, fold the delta in, compact the re-rank vectors, and
+        forget removal records the new index no longer needs (`clipsearch optimize`).
+
+        Pruning means an index elsewhere that covers an older generation (another home on a shared PostgreSQL
+        catalog) is rebuilt on its next open rather than caught up."""
+        t0 = time.perf_counter()
+        state = self._build(self.catalog.space(space.id, with_count=False), "optimize requested", False)
+        pruned = changes.prune(self.catalog.engine, space.id, state.generation)
+        return OptimizeReport(state.kind, state.count, time.perf_counter() - t0, pruned)
+
+    # --- reading -----------------------------------------------------------------------------------------------
+    def count(self, space: SpaceInfo) -> int:
+        """Vectors a query over this space searches (up to date with the catalog)."""
+        return self._current(space).count
+
+    def index_for(self, space: SpaceInfo) -> IndexView:
+        """The up-to-date index of a space as queries see it (count, dim, type, ids)."""
+        return IndexView(self._current(space))
+
+    def search(self, space: SpaceInfo, queries: np.ndarray, k: int,
+               allowed_ids: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Top-k (ids, scores) per query row, best first; `allowed_ids` restricts the search to those ids (filters)
+        and still returns k hits when k allowed vectors exist."""
+        state = self._current(space)
+        k = int(min(k, state.count))
+        if k <= 0:
+            return [(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(len(queries))]
+        return state.search(queries, k, allowed_ids)
 
     def iter_vectors(self, space: SpaceInfo, batch: int = 65_536,
                      reuse: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Stream (ids, vectors) of a space from its memory-mapped index: what tagging reads instead of the catalog.
-
-        The index is validated against the catalog's generation first (index_for), so these are the catalog's
-        vectors; reading them from memory avoids streaming every blob out of the database again. With `reuse`, the
-        arrays yielded are only valid until the next step (read-only use): no fresh memory per chunk, which at a
-        million vectors saves gigabytes of page faults; by default each chunk is the caller's own copy.
-        """
-        index = self.index_for(space)
+        """Stream (ids, vectors) of a space from its memory-mapped index files: what tagging reads instead of the
+        catalog. Up to date with the catalog (like a query). IVF-PQ spaces yield their float16 re-rank vectors
+        as float32. With `reuse`, arrays are only valid until the next step (read-only use); else each chunk is
+        the caller's own copy."""
+        state = self._current(space)
         self._warm(space)
-        if isinstance(index, faiss.IndexIDMap2):
-            flat = faiss.downcast_index(index.index)
-            n, d = flat.ntotal, flat.d
-            vecs = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d)
-            ids = faiss.vector_to_array(index.id_map)
-            for start in range(0, n, batch):
-                yield ids[start : start + batch], vecs[start : start + batch]
-            return
-        ivf = faiss.extract_index_ivf(index)  # IVF-Flat: the lists hold the full float32 vectors
-        invlists, d = ivf.invlists, ivf.d
-        ids_buf, vec_buf = np.empty(batch, np.int64), np.empty((batch, d), np.float32)
-        have = 0
-        for list_no in range(ivf.nlist):
-            size, done = invlists.list_size(list_no), 0
-            if size:
-                list_ids = faiss.rev_swig_ptr(invlists.get_ids(list_no), size)
-                codes = faiss.rev_swig_ptr(invlists.get_codes(list_no), size * invlists.code_size)
-                list_vecs = codes.view(np.float32).reshape(size, d)
-            while done < size:  # copy into the chunk buffer; a list may straddle two chunks
-                take = min(size - done, batch - have)
-                ids_buf[have : have + take] = list_ids[done : done + take]
-                vec_buf[have : have + take] = list_vecs[done : done + take]
-                have, done = have + take, done + take
-                if have == batch:
-                    yield (ids_buf, vec_buf) if reuse else (ids_buf.copy(), vec_buf.copy())
-                    have = 0
-        if have:
-            yield (ids_buf[:have], vec_buf[:have]) if reuse else (ids_buf[:have].copy(), vec_buf[:have].copy())
+        yield from state.iter_vectors(batch, reuse)
 
-    # --- searching ---------------------------------------------------------------------------------------------
-    def search(
-        self, space: SpaceInfo, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Top-k (ids, scores) per query row; `allowed_ids` restricts the search to those ids (filters)."""
-        index = self.index_for(space)
-        k = int(min(k, index.ntotal))
-        if k <= 0:
-            return [(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(len(queries))]
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        if allowed_ids is not None:
-            sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed_ids, dtype=np.int64))
-            if hasattr(index, "nprobe"):
-                # A selective filter may leave too few allowed ids in the usual lists: probe all of them then
-                # (membership checks are cheap; only allowed vectors are scored), so top-k is not lost.
-                selective = len(allowed_ids) < 0.2 * index.ntotal
-                params = faiss.SearchParametersIVF(sel=sel, nprobe=index.nlist if selective else self.options.nprobe)
+    def _index_files(self, space: SpaceInfo) -> list[Path]:
+        """The files a full stream of the space reads: the base file, or the IVF-PQ float16 vectors."""
+        manifest = self.read_manifest(space)
+        if not manifest or "base" not in manifest:
+            return []
+        segs = [self.dir / s["vecs"] for s in manifest["base"].get("rerank", [])]
+        return segs or [self.dir / manifest["base"]["file"]]
+
+    def prefetch(self, space: SpaceInfo) -> None:
+        """Start reading the space's index files into the OS page cache on a background thread (a hint; never
+        fails). Tagging calls this before encoding its labels, so a cold index comes off the disk meanwhile."""
+        for path in self._index_files(space):
+            thread = threading.Thread(target=read_through, args=(path,), name="index-prefetch", daemon=True)
+            self._prefetching[str(path)] = thread
+            thread.start()
+
+    def _warm(self, space: SpaceInfo) -> None:
+        """Have the index files in the page cache before streaming all of them: wait for a prefetch, else read."""
+        for path in self._index_files(space):
+            thread = self._prefetching.pop(str(path), None)
+            if thread is not None:
+                thread.join()
             else:
-                params = faiss.SearchParameters(sel=sel)
-            scores, ids = index.search(q, k, params=params)
-        else:
-            scores, ids = index.search(q, k)
-        out = []
-        for row_ids, row_scores in zip(ids, scores, strict=True):
-            keep = row_ids >= 0
-            out.append((row_ids[keep].astype(np.int64), row_scores[keep].astype(np.float32)))
-        return out
+                read_through(path)
