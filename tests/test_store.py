@@ -239,3 +239,40 @@ def test_index_type_changes_at_thresholds_without_flapping() -> None:
     assert why(ivf, 50_001, 49_000) is None and why(ivf, 50_001, 12_000)  # downward: only after shrinking 4x
     assert why(ivf, 60_000, 240_000) is None and why(ivf, 60_000, 240_001)  # the trained IVF serves up to 4x
     assert why(ivf, 1_000_000, 2_000_000).startswith("2000000 vectors call for ivf4096-pq128")
+
+
+@pytest.mark.gpu
+def test_an_index_trained_on_the_gpu_searches_like_one_trained_on_the_cpu(monkeypatch) -> None:
+    """faiss-gpu trains the coarse quantizer on the GPU; the written index is a CPU index with the same recall."""
+    import faiss
+
+    from clipsearch.indexer.storage import index_kinds
+    from clipsearch.indexer.storage.index_kinds import Kind, empty_index, gpu_count
+
+    if not gpu_count():
+        pytest.skip("no GPU that FAISS can use (faiss-cpu, or no CUDA device)")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20_000, 64)).astype("f4")
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    kind = Kind("ivf-flat", nlist=64)
+    gpu = empty_index(kind, 64, x[:5000])
+    monkeypatch.setattr(index_kinds, "gpu_count", lambda: 0)
+    cpu = empty_index(kind, 64, x[:5000])
+    truth = faiss.IndexFlatIP(64)
+    truth.add(x)
+    _, want = truth.search(x[:100], 10)
+    for index in (gpu, cpu):
+        index.add(x)
+        index.nprobe = 16
+        _, got = index.search(x[:100], 10)
+        assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want, strict=True)]) >= 0.95
+        faiss.serialize_index(index)  # a plain CPU index: it can be written
+
+
+def test_faiss_cpu_reports_no_gpu_and_trains_on_the_cpu() -> None:
+    from clipsearch.indexer.storage.index_kinds import Kind, empty_index, gpu_count
+
+    assert gpu_count() == 0  # this test suite's faiss-cpu (the gpu test above covers faiss-gpu)
+    x = np.random.default_rng(1).normal(size=(2000, 16)).astype("f4")
+    index = empty_index(Kind("ivf-flat", nlist=8), 16, x)
+    assert index.is_trained and index.nlist == 8

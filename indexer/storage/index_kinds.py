@@ -109,8 +109,24 @@ def empty_index(kind: Kind, dim: int, sample: np.ndarray | None) -> faiss.Index:
         index = faiss.index_factory(dim, f"IVF{kind.nlist},PQ{kind.m}", faiss.METRIC_INNER_PRODUCT)
         index.do_polysemous_training = False  # the factory's default; we never search by Hamming (slow training)
     assert sample is not None and len(sample), "an IVF index needs a training sample"
+    if gpu_count():  # k-means of the coarse quantizer (most of a build's training time) on the GPUs
+        index.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(dim))
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    if gpu_count():
+        index.clustering_index = None  # the GPU index is not serialisable: the file stays a CPU index
     return index
+
+
+def gpu_count() -> int:
+    """GPUs FAISS can use: > 0 only with the faiss-gpu build on a machine with a CUDA device (0 with faiss-cpu).
+
+    Only training uses them: the trained index is the same kind of CPU index either way, searched on the CPU (a
+    few ms at 1M and 10M; bench/RESULTS.md issue 14), so a library built on a GPU box opens anywhere."""
+    get = getattr(faiss, "get_num_gpus", None)
+    try:
+        return int(get()) if get is not None else 0
+    except RuntimeError:  # a faiss-gpu build on a machine whose driver cannot start
+        return 0
 
 
 @dataclass
