@@ -57,3 +57,12 @@ class LibraryBusy(ClipsearchError):
     when). Exit code 4, not 3: nothing is wrong with the library, so a script can wait and retry."""
 
     exit_code = 4
+
+
+class ServerUnavailable(ClipsearchError):
+    """A running `clipsearch serve` cannot answer this call (it stopped answering, or cannot take the input): the
+    caller runs it in-process instead, so the user never sees this one."""
+
+
+class TooLargeToUpload(ServerUnavailable):
+    """A local image over the server's upload cap: the in-process path reads it directly."""

@@ -36,10 +36,9 @@ from clipsearch.indexer.storage.catalog import Catalog, SpaceInfo
 from clipsearch.indexer.storage.phash_store import SignatureStore
 from clipsearch.indexer.storage.schema import photos
 
-log = logging.getLogger(__name__)
+from .duplicate_defaults import DEFAULT_PHASH_MAX, DEFAULT_THRESHOLD
 
-DEFAULT_THRESHOLD = 0.90  # CLIP cosine floor of a model candidate (bench/duplicates.py: demo and random weights)
-DEFAULT_PHASH_MAX = 6  # of 63 bits; copies measured mostly <= 4, distinct photos of one kind mostly >= 8 (bench)
+log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 

@@ -34,6 +34,8 @@ import numpy as np
 
 from clipsearch.indexer.errors import UsageError
 
+from .text_cache import TextVectors
+
 STRONG, POSSIBLE, WEAK = "strong", "possible", "weak"
 LEVELS = (STRONG, POSSIBLE, WEAK)
 VOCAB_FILE = "reference_vocab.txt"  # looked up in a model folder; else the general one below
@@ -150,10 +152,10 @@ def _find(query: str, entry: str) -> re.Match[str] | None:
 
 def named_entries(query: str, vocab: ReferenceVocab) -> dict[str, tuple[str, re.Match[str]]]:
     """group → (entry, where) for each group one of whose entries the query names (the longest one)."""
-    out = {}
+    out, lowered = {}, query.lower()
     for group, entries in vocab.groups.items():
         for entry in sorted(entries, key=len, reverse=True):
-            m = _find(query, entry)
+            m = _find(query, entry) if entry.lower() in lowered else None  # no regex for the ~1,000 absent ones
             if m:
                 out[group] = (entry, m)
                 break
@@ -171,8 +173,10 @@ class Relevance:
     It receives the encoder (texts and logit scale), the vocabulary, and a label-vector cache (entries are
     embedded once per process, and on disk for large vocabularies)."""
 
-    def __init__(self, encoder: Any, vocab: ReferenceVocab, label_vectors: Any) -> None:
+    def __init__(self, encoder: Any, vocab: ReferenceVocab, label_vectors: Any,
+                 text_vectors: TextVectors | None = None) -> None:
         self.encoder, self.vocab, self.label_vectors = encoder, vocab, label_vectors
+        self.text_vectors = text_vectors or TextVectors(encoder)  # contrast texts, kept across queries
 
     def plan(self, query: str, candidates: np.ndarray | None = None) -> QueryPlan:
         """The contrasts of a query. For large groups only the alternatives that score best on `candidates` (the
@@ -219,9 +223,9 @@ class Relevance:
 
     def _contrast_vectors(self, plan: QueryPlan) -> np.ndarray:
         """The whole vocabulary is embedded once (cached, on disk when large) and subset for a fallback plan;
-        a query's own contrasts are embedded per query and not kept."""
+        a query's own contrasts go through the process's text cache (related queries share most of them)."""
         if not plan.fallback:
-            return self.encoder.encode_texts(plan.contrasts)
+            return self.text_vectors(plan.contrasts)
         texts = [self.vocab.fallback_template.format(e) for e in self.vocab.entries()]
         row = {t: i for i, t in enumerate(texts)}
         return self.label_vectors(texts, None)[[row[c] for c in plan.contrasts]]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +147,7 @@ def ensemble(encode_texts: Callable[[list[str]], np.ndarray], names: list[str], 
 
 
 class LabelVectors:
-    """Label embeddings of one encoder, cached in memory and (for large sets) on disk; the one text-encoding path
+    """Label embeddings of one encoder, cached in memory and (from 8 texts) on disk; the one text-encoding path
     that describe, classify and tagging share, so a label set is encoded once per process whichever asks."""
 
     def __init__(self, encoder: Any, cache_dir: Path | None = None) -> None:
@@ -164,9 +165,11 @@ class LabelVectors:
         else:
             vecs = ensemble(self.encoder.encode_texts, names, templates) if templates else \
                 self.encoder.encode_texts(names)
-            if path and len(names) * len(templates or [1]) >= 256:  # worth keeping across processes
+            if path and len(names) * len(templates or [1]) >= 8:  # worth keeping across processes (~0.1 s cold)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                np.save(path, vecs)
+                tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+                np.save(tmp, vecs)
+                os.replace(tmp, path)  # a concurrent reader sees no file or a whole one
         self._cache[key] = vecs
         return vecs
 

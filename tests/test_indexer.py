@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipsearch.indexer.errors import IndexUnavailable, UsageError
+from clipsearch.indexer.errors import UsageError
 from clipsearch.indexer.ingest.cores import usable_cores
 from clipsearch.indexer.storage.store import StoreOptions, VectorStore
 

@@ -31,12 +31,7 @@ from clipsearch.indexer.config import AppConfig
 SERVER_FILE = "server.json"
 
 
-class ServerUnavailable(errors.ClipsearchError):
-    """The server cannot answer this call (it stopped answering, or cannot take the input): run it in-process."""
-
-
-class TooLargeToUpload(ServerUnavailable):
-    """A local image over the server's upload cap: the in-process path reads it directly."""
+ServerUnavailable, TooLargeToUpload = errors.ServerUnavailable, errors.TooLargeToUpload  # re-exported
 
 
 def server_file(config: AppConfig) -> Path:

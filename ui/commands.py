@@ -1,4 +1,5 @@
-"""Library commands: index, status, reindex, optimize. Each reads its arguments, calls one service, prints text or `--json`.
+"""Library commands: index, status, reindex, optimize. Each reads its arguments, calls one service, prints text or
+`--json`.
 
 `status_data` lives in ui/status.py; it is re-exported here for callers that imported it from this module.
 """
@@ -45,17 +46,24 @@ def _index_args(p: argparse.ArgumentParser) -> None:
                    help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: a local Ray instance)")
     p.add_argument("--gpus-per-worker", type=_fraction_or_more, default=None, metavar="G",
                    help="GPUs per Ray encode worker (default: 1 when the cluster has GPUs)")
+    p.add_argument("--ocr", action="store_true",
+                   help="also read the text in the photos (signs, receipts, screenshots) for text:\"...\" queries, "
+                        "after the commit in --workers processes (pip install 'clipsearch[ocr]')")
 
 
 @command("index", "index photo folders (incremental: new, changed, moved and removed files)", arguments=_index_args,
          graceful_stop=True,
          examples=("clipsearch index ~/Pictures",
                    "clipsearch index ~/Pictures /mnt/photos --model demo --workers 2",
-                   "clipsearch --home ~/trip-library index ~/Pictures/2024-trip --json"))
+                   "clipsearch --home ~/trip-library index ~/Pictures/2024-trip --ocr --json"))
 def cmd_index(args: argparse.Namespace) -> int:
     """Index folders and print the run summary; a stop request (SIGTERM/SIGINT) ends it after a committed batch."""
     from clipsearch.indexer.app import build_indexer
 
+    if args.ocr:  # before any work: a missing extra is one line naming it
+        from clipsearch.indexer.ingest.ocr import require_engine
+
+        require_engine()
     opts = IndexOptions(batch_size=args.batch_size, workers=args.workers, force=args.force,
                         max_pixels=args.max_pixels, follow_symlinks=args.follow_symlinks,
                         progress=not (args.no_progress or args.json))
@@ -63,7 +71,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     progress = args.progress_file or config.home / "index-progress.json"
     executor = _ray_executor(args, config, opts) if args.engine == "ray" else None
     try:
-        report = build_indexer(config, opts, executor).run(args.paths, on_progress=_progress_writer(progress))
+        indexer = build_indexer(config, opts, executor)
+        report = indexer.run(args.paths, on_progress=_progress_writer(progress), ocr=args.ocr)
     finally:
         if executor is not None:
             executor.close()
@@ -81,9 +90,13 @@ def cmd_index(args: argparse.Namespace) -> int:
     if report.missing_kept:
         lines.append(f"  {report.missing_kept} catalogued files are missing and were NOT removed (most of the "
                      "library vanished at once: unmounted disk?); re-run with --force to remove them")
+    data = report.as_dict()
+    if indexer.last_ocr is not None:
+        data["ocr"] = indexer.last_ocr.as_dict()
+        lines.append(f"  {indexer.last_ocr.summary()}")
     if report.interrupted:
         lines.append("  stopped on request after a committed batch; re-run to resume")
-    out(args, report.as_dict(), "\n".join(lines))
+    out(args, data, "\n".join(lines))
     return 130 if report.interrupted else 0
 
 

@@ -193,10 +193,24 @@ def require_indexed(config: AppConfig) -> None:
 
 
 def service_for(args: argparse.Namespace, need_photos: bool = True) -> SearchService:
-    """The SearchService for this run (loads the model); with need_photos, an empty library is refused first."""
-    from clipsearch.search import build_service
+    """The service for this run: a running `clipsearch serve` of the same home and catalog when there is one (no
+    model is loaded here; ui/routing.py), else the in-process SearchService, which loads the model. With
+    need_photos, an empty library is refused before any model is built."""
+    from .client import find_server
+    from .routing import Routed
 
     config = config_from(args)
+    client = find_server(config)
+    if client is None:
+        log.info("no server running for %s: answering in-process", config.home)
+        return _local_service(config, need_photos)
+    log.info("found the server at %s", client.url)
+    return Routed(client, lambda: _local_service(config, need_photos))  # type: ignore[return-value]
+
+
+def _local_service(config: AppConfig, need_photos: bool) -> SearchService:
+    from clipsearch.search import build_service
+
     if need_photos:
         require_indexed(config)
     return build_service(config)

@@ -56,8 +56,8 @@ def status_lines(d: dict[str, Any], max_failures: int = 50) -> list[str]:
     if skipped:
         lines.append(f"skipped (not a photo type): {sum(skipped.values())} files: "
                      + ", ".join(f"{ext or '(no extension)'} {n}" for ext, n in skipped.items()))
+    behind = " (behind the catalog: caught up on next use)"
     lines += [f"space {s['label']} [{s['key']}] dim {s['dim']}: {s['vectors']} vectors, index "
-              f"{s['index_type'] or 'not built'}{'' if s['index_current'] else ' (behind the catalog: caught up on next use)'}"
-              for s in d["spaces"]]
+              f"{s['index_type'] or 'not built'}{'' if s['index_current'] else behind}" for s in d["spaces"]]
     lines += [f"catalog: {d['catalog']}", f"indexes: {d['index_dir']}"]
     return lines

@@ -1,0 +1,37 @@
+"""The per-process text cache behind the relevance check: the same vectors as the encoder, each text encoded once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from clipsearch.search.relevance import Relevance, parse_vocab
+from clipsearch.search.text_cache import TextVectors
+from clipsearch.search.zeroshot import LabelVectors
+
+
+def test_cached_vectors_equal_the_encoders_and_each_text_is_encoded_once(tiny_encoder: Any) -> None:
+    cache = TextVectors(tiny_encoder, max_texts=3)
+    texts = ["a red dog", "a red cat", "a red dog"]
+    np.testing.assert_allclose(cache(texts), tiny_encoder.encode_texts(texts), atol=1e-6)
+    assert cache.encoded == 2  # the repeat inside one call is not encoded twice
+    cache(["a red cat", "a blue cat"])
+    assert cache.encoded == 3
+    cache(["a green cat", "a red dog"])  # holds 3: the least recently used ("a red dog"... was used) goes
+    assert cache.encoded == 4 and cache(["a green cat"]).shape == (1, tiny_encoder.space.dim)
+    assert cache.encoded == 4 and cache([]).shape == (0, tiny_encoder.space.dim)
+
+
+def test_related_queries_share_their_contrasts(tiny_encoder: Any) -> None:
+    vocab = parse_vocab("[colour]\nred\nblue\ngreen\n[thing]\ndog\ncat\ncar\n")
+    rel = Relevance(tiny_encoder, vocab, LabelVectors(tiny_encoder))
+    photos = tiny_encoder.encode_texts(["x", "y"])
+    qvec = tiny_encoder.encode_texts(["a red dog"])[0]
+    first = rel.probabilities(rel.plan("a red dog"), qvec, photos)
+    n = rel.text_vectors.encoded
+    assert n == 4  # a blue dog, a green dog, a red cat, a red car
+    rel.probabilities(rel.plan("a red cat"), tiny_encoder.encode_texts(["a red cat"])[0], photos)
+    assert rel.text_vectors.encoded == n + 3  # a blue cat, a green cat, a red dog: "a red car" is shared
+    again = rel.probabilities(rel.plan("a red dog"), qvec, photos)
+    assert rel.text_vectors.encoded == n + 3 and np.array_equal(first, again)
