@@ -41,6 +41,29 @@ def test_batch_write_spaces_generations_and_removal(catalog_url: str) -> None:
     cat.dispose()
 
 
+def test_a_large_mixed_batch_pairs_every_row_with_its_own_vector(catalog_url: str) -> None:
+    """New rows are inserted in one statement: each path still gets its own id and vector, beside changed rows."""
+    cat = Catalog(catalog_url)
+    sid = cat.ensure_space("k1", "tiny", "spec", 8)
+    rng = np.random.default_rng(0)
+    first = rng.normal(size=(300, 8)).astype(np.float32)
+    cat.write_batch(sid, [_rec(f"{i:03d}.jpg".encode()) for i in range(300)], dict(enumerate(first)))
+    known = cat.known_files()
+    changed = [PhotoRecord(b"/photos/007.jpg", 11, 2, "indexed", content_hash="new", id=known[b"/photos/007.jpg"].id),
+               _rec(b"new-a.jpg"), _rec(b"new-b.jpg"), PhotoRecord(b"/photos/broken.jpg", 1, 1, "failed", reason="x")]
+    second = rng.normal(size=(3, 8)).astype(np.float32)
+    cat.write_batch(sid, changed, {0: second[0], 1: second[1], 2: second[2]})
+    known = cat.known_files()
+    want = {f"/photos/{i:03d}.jpg".encode(): first[i] for i in range(300)}
+    want |= {b"/photos/007.jpg": second[0], b"/photos/new-a.jpg": second[1], b"/photos/new-b.jpg": second[2]}
+    got = cat.vectors_for(sid, [known[p].id for p in want])
+    for path, vec in want.items():
+        np.testing.assert_allclose(got[known[path].id], vec, rtol=1e-6)
+    assert known[b"/photos/broken.jpg"].status == "failed" and cat.space(sid).count == 302
+    assert known[b"/photos/007.jpg"].id == 8  # a changed photo keeps its id
+    cat.dispose()
+
+
 def test_schema_version_is_recorded_and_newer_catalogs_are_refused(catalog_url: str) -> None:
     from sqlalchemy import update
 

@@ -284,20 +284,19 @@ class Catalog:
         moves, copies, extra_vectors = moves or [], copies or [], extra_vectors or {}
         with self.engine.begin() as conn:
             gen = Generations(conn)
+            pids = self._insert_new(conn, records)
             for i, rec in enumerate(records):
-                if rec.id is None:
-                    pid = conn.execute(insert(photos).values(**rec.row())).inserted_primary_key[0]
-                else:
-                    pid = rec.id
+                if rec.id is not None:
+                    pid = pids[i] = rec.id
                     conn.execute(update(photos).where(photos.c.id == pid).values(**rec.row()))
                     stale = conn.execute(select(embeddings.c.space_id).where(embeddings.c.photo_id == pid))
                     gen.removed((pid, sid) for sid in stale.scalars().all())
                     conn.execute(delete(embeddings).where(embeddings.c.photo_id == pid))
                     conn.execute(delete(tags).where(tags.c.photo_id == pid))
-                if i in vectors:
-                    vec = np.asarray(vectors[i], dtype="<f4").tobytes()
-                    conn.execute(insert(embeddings).values(photo_id=pid, space_id=space_id, vector=vec,
-                                                           seq=gen(space_id)))
+            rows = [{"photo_id": pids[i], "space_id": space_id, "seq": gen(space_id),
+                     "vector": np.asarray(vec, dtype="<f4").tobytes()} for i, vec in vectors.items()]
+            if rows:
+                conn.execute(insert(embeddings), rows)  # one executemany, not a statement per photo
             for pid, path_bytes, size, mtime_ns in moves:
                 conn.execute(update(photos).where(photos.c.id == pid).values(
                     path_bytes=path_bytes, path=display_path(path_bytes),
@@ -312,6 +311,18 @@ class Catalog:
                     embeddings.c.photo_id == src)).all()
                 for sid, vec in rows:
                     conn.execute(insert(embeddings).values(photo_id=new_id, space_id=sid, vector=vec, seq=gen(sid)))
+
+    @staticmethod
+    def _insert_new(conn: Any, records: list[PhotoRecord]) -> dict[int, int]:
+        """Insert the batch's new rows in one statement; record index -> new photo id. RETURNING with
+        `sort_by_parameter_order` gives the ids in record order (SQLite >= 3.35 and PostgreSQL): per-row INSERTs
+        held the commit stage to ~3,500 photos/s, under one GPU's embedding rate (bench/RESULTS.md issue 16)."""
+        new = [i for i, rec in enumerate(records) if rec.id is None]
+        if not new:
+            return {}
+        ids = conn.execute(insert(photos).returning(photos.c.id, sort_by_parameter_order=True),
+                           [records[i].row() for i in new]).scalars().all()
+        return dict(zip(new, ids, strict=True))
 
     def remove_photos(self, ids: list[int]) -> int:
         """Delete photos (and, by cascade, their vectors and tags); returns how many went."""
