@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from clipsearch.indexer.config import AppConfig, IndexOptions
     from clipsearch.indexer.pipeline import IndexReport
+    from clipsearch.indexer.storage.ocr_store import OcrReport
     from clipsearch.search.results import Classification, LabelScore, SearchPage, TagPreview
     from clipsearch.search.service import SearchService
 
@@ -25,6 +26,7 @@ class Library:
     def __init__(self, config: AppConfig) -> None:
         self.config = config
         self._service: SearchService | None = None
+        self.last_ocr: OcrReport | None = None  # what the OCR stage of the last index(..., ocr=True) did
 
     @property
     def service(self) -> SearchService:
@@ -35,15 +37,33 @@ class Library:
             self._service = build_service(self.config)
         return self._service
 
-    def index(self, paths: Iterable[str | Path], options: IndexOptions | None = None) -> IndexReport:
-        """Index folders incrementally (new, changed, moved and removed photos); returns the run's report."""
+    def index(self, paths: Iterable[str | Path], options: IndexOptions | None = None, ocr: bool = False) -> IndexReport:
+        """Index folders incrementally (new, changed, moved and removed photos); returns the run's report. With
+        `ocr`, the text in the photos is read too (pip install 'clipsearch[ocr]'); `last_ocr` reports that stage."""
         from clipsearch.indexer.app import build_indexer
         from clipsearch.indexer.config import IndexOptions
 
-        report = build_indexer(self.config, options or IndexOptions()).run(
-            [Path(p).expanduser() for p in paths])
+        indexer = build_indexer(self.config, options or IndexOptions())
+        report = indexer.run([Path(p).expanduser() for p in paths], ocr=ocr)
+        self.last_ocr = indexer.last_ocr
         self._service = None  # the next query sees the new photos (and the model the library now uses)
         return report
+
+    def ocr(self, retry_failed: bool = False, workers: int = 1) -> OcrReport:
+        """Read the text in every indexed photo that has none yet for its content (and, with retry_failed, those
+        whose OCR failed), in `workers` processes; no model is loaded. Then `search('text:"..."')` finds them."""
+        from clipsearch.indexer.app import open_parts
+        from clipsearch.indexer.ingest.ocr import require_engine
+        from clipsearch.indexer.lock import hold_writer_lock
+        from clipsearch.search.ocr_search import ocr_library
+
+        require_engine()
+        parts = open_parts(self.config)
+        try:
+            with hold_writer_lock(self.config.home, self.config.db_url):
+                return ocr_library(parts.catalog, retry_failed, workers)
+        finally:
+            parts.catalog.dispose()
 
     def status(self) -> dict[str, Any]:
         """Counts by status, failures, embedding spaces and paths (no model is loaded)."""
@@ -51,13 +71,16 @@ class Library:
 
         return status_data(self.config)
 
-    def search(self, query: str, k: int = 20, **kwargs: Any) -> SearchPage:
-        """Text→image search (combined syntax allowed); kwargs as SearchService.search."""
-        return self.service.search(query, k, **kwargs)
+    def search(self, query: str, k: int = 20, *, stack: bool = False, **kwargs: Any) -> SearchPage:
+        """Text→image search (combined syntax and `text:"words in the photo"` allowed); `stack` folds
+        near-duplicates into one hit with a count (hit.stack); kwargs as SearchService.search."""
+        return self.service.search(query, k, stack=stack, **kwargs)
 
-    def similar(self, image: int | str | bytes, k: int = 20, **kwargs: Any) -> SearchPage:
-        """Photos like an indexed photo id, an image file or image bytes."""
-        return self.service.similar(image, k, **kwargs)
+    def similar(self, image: int | str | bytes, k: int = 20, *,
+                box: tuple[int, int, int, int] | str | None = None, stack: bool = False, **kwargs: Any) -> SearchPage:
+        """Photos like an indexed photo id, an image file or image bytes; `box` (x, y, w, h in the photo's upright
+        pixels) searches with that region only; `stack` as in search."""
+        return self.service.similar(image, k, box=box, stack=stack, **kwargs)
 
     def describe(self, image: int | str | bytes, labels: str | builtins.list[str], k: int = 10) -> list[LabelScore]:
         """Rank your labels (a comma list or a list of strings) for one photo."""

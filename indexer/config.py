@@ -105,3 +105,4 @@ class IndexOptions:
     progress: bool = False  # show a progress bar (the CLI turns it on)
     torch_threads: int | None = None  # model CPU threads while indexing; None keeps torch's default
     vanish_ratio: float = 0.5  # refuse to purge when more than this fraction of known files vanished
+    gpu_decode: str = "auto"  # JPEG pixels on the GPU when the model runs on CUDA: auto | on | off (gpu_decode.py)

@@ -21,12 +21,17 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from clipsearch.indexer.errors import UsageError
+from clipsearch.indexer.ingest import gpu_decode
 from clipsearch.indexer.ingest.cores import usable_cores
 from clipsearch.indexer.ingest.decode import DecodeResult, PreprocessSpec, decode_file
+from clipsearch.indexer.ingest.gpu_decode import PendingJpeg, TensorJpegDecoder, probe_file, probe_task
 from clipsearch.indexer.ingest.workers import decode_task, init_worker, sigint_held_off
 from clipsearch.indexer.model.protocol import Encoder
 
 log = logging.getLogger(__name__)
+
+Decoded = DecodeResult | PendingJpeg  # a pending JPEG gets its pixels beside the model (gpu_decode)
 
 
 @dataclass(frozen=True)
@@ -83,48 +88,55 @@ class LocalExecutor:
     embeds). When the model runs on the same CPU cores, overlapping only makes decode workers and the model's
     threads pre-empt each other, so the phases alternate instead: all workers decode one batch while the model
     is idle, then the model gets every core for that batch (measured as the best packing on shared cores).
+
+    With the model on CUDA, JPEG pixels are decoded there too (`gpu_decode`: auto | on | off): the workers then
+    only read, hash and check each file, and each batch's JPEGs are decoded on the device just before embedding.
     """
 
-    def __init__(self, workers: int | None = None, progress: bool = False) -> None:
-        self.workers, self.progress = workers, progress
+    def __init__(self, workers: int | None = None, progress: bool = False, gpu_decode: str = "auto") -> None:
+        if gpu_decode not in _MODES:
+            raise UsageError(f"--gpu-decode must be one of {', '.join(_MODES)} (got {gpu_decode!r})")
+        self.workers, self.progress, self.gpu_decode = workers, progress, gpu_decode
 
     def run(self, tasks: Sequence[EmbedTask], ctx: EmbedContext,
             encoder: Callable[[], Encoder]) -> Iterator[list[EmbedResult]]:
         """Decode in worker processes, embed each batch in this process, yield one result list per batch."""
         enc = encoder()
-        batch: list[tuple[EmbedTask, DecodeResult]] = []
-        for task, result in self._decoded(tasks, ctx, _on_accelerator(enc)):
+        jpegs = _jpeg_decoder(enc, ctx, self.gpu_decode)
+        batch: list[tuple[EmbedTask, Decoded]] = []
+        for task, result in self._decoded(tasks, ctx, _on_accelerator(enc), jpegs is not None):
             if task is not None:
                 batch.append((task, result))
-            n_pixels = sum(r.pixels is not None for _, r in batch)
+            n_pixels = sum(_has_input(r) for _, r in batch)
             full = n_pixels >= ctx.batch_size or len(batch) >= 4 * ctx.batch_size
             if batch and (full or task is None):  # None: a decode phase ended
-                yield _embed_batch(batch, enc, ctx.stats)
+                yield _embed_batch(_with_pixels(batch, jpegs, ctx.stats), enc, ctx.stats)
                 batch = []
         if batch:
-            yield _embed_batch(batch, enc, ctx.stats)
+            yield _embed_batch(_with_pixels(batch, jpegs, ctx.stats), enc, ctx.stats)
 
-    def _decoded(self, tasks: Sequence[EmbedTask], ctx: EmbedContext,
-                 overlap: bool) -> Iterator[tuple[EmbedTask, DecodeResult] | tuple[None, None]]:
-        """Decode results in order; (None, None) marks the end of a decode phase (time to embed)."""
+    def _decoded(self, tasks: Sequence[EmbedTask], ctx: EmbedContext, overlap: bool,
+                 probe: bool = False) -> Iterator[tuple[EmbedTask, Decoded] | tuple[None, None]]:
+        """Decode results in order (probe: JPEG pixels left pending); (None, None) ends a decode phase."""
         bar = _progress_bar(len(tasks)) if self.progress else None
         try:
             workers = self._worker_count(overlap)
             if workers <= 0 or len(tasks) < 2:
+                decode = probe_file if probe else decode_file
                 for task in tasks:
                     ts = time.perf_counter()
-                    result = decode_file(task.path, ctx.preprocess, ctx.max_pixels, _reuse(task, ctx))
+                    result = decode(task.path, ctx.preprocess, ctx.max_pixels, _reuse(task, ctx))
                     ctx.stats.decode_wait += time.perf_counter() - ts
                     yield task, result
                     bar and bar.update(1)
                 return
-            yield from self._pooled(tasks, ctx, workers, overlap, bar)
+            yield from self._pooled(tasks, ctx, workers, overlap, bar, probe_task if probe else decode_task)
         finally:
             if bar:
                 bar.close()
 
-    def _pooled(self, tasks: Sequence[EmbedTask], ctx: EmbedContext, workers: int, overlap: bool,
-                bar: Any) -> Iterator[tuple[EmbedTask, DecodeResult] | tuple[None, None]]:
+    def _pooled(self, tasks: Sequence[EmbedTask], ctx: EmbedContext, workers: int, overlap: bool, bar: Any,
+                work: Callable[[bytes, bool], Decoded]) -> Iterator[tuple[EmbedTask, Decoded] | tuple[None, None]]:
         window = max(4, ctx.batch_size * 3) if overlap else max(2, ctx.batch_size)
         with ProcessPoolExecutor(workers, mp.get_context("spawn"), init_worker,
                                  (ctx.preprocess, ctx.max_pixels, ctx.reuse_hashes)) as pool:
@@ -134,7 +146,7 @@ class LocalExecutor:
             def refill(n: int) -> None:
                 for nxt in itertools.islice(it, n):
                     with sigint_held_off():  # a Ctrl-C while a worker starts must not break the pool
-                        pending.append((nxt, pool.submit(decode_task, nxt.path, nxt.allow_reuse)))
+                        pending.append((nxt, pool.submit(work, nxt.path, nxt.allow_reuse)))
 
             refill(window)
             while pending:
@@ -165,6 +177,35 @@ def _reuse(task: EmbedTask, ctx: EmbedContext) -> frozenset[str]:
 
 def _on_accelerator(encoder: Encoder) -> bool:
     return not str(getattr(encoder, "device", "cpu")).startswith("cpu")
+
+
+_MODES = gpu_decode.GPU_DECODE_MODES
+
+
+def _jpeg_decoder(encoder: Encoder, ctx: EmbedContext, mode: str) -> TensorJpegDecoder | None:
+    """The decoder of JPEG pixels beside the model, or None when the workers decode everything (as on a CPU)."""
+    device = gpu_decode.decode_device(mode, str(getattr(encoder, "device", "cpu")))
+    if device is None:
+        return None
+    log.info("decoding JPEG pixels on %s, beside the model", device)
+    return TensorJpegDecoder(device, ctx.preprocess, ctx.max_pixels)
+
+
+def _has_input(result: Decoded) -> bool:
+    """Whether a decode result will have pixels to embed (now, or once its pending JPEG is decoded)."""
+    return isinstance(result, PendingJpeg) or result.pixels is not None
+
+
+def _with_pixels(batch: list[tuple[EmbedTask, Decoded]], jpegs: TensorJpegDecoder | None,
+                 stats: EmbedStats) -> list[tuple[EmbedTask, DecodeResult]]:
+    """The batch with its pending JPEGs decoded on the device (their time counts as decode time). Only a run with
+    a device decoder asks the workers to leave JPEGs pending."""
+    pending = [r for _, r in batch if isinstance(r, PendingJpeg)]
+    ts = time.perf_counter()
+    decoded = iter(jpegs.decode(pending) if pending and jpegs is not None else [])
+    if pending:
+        stats.decode_wait += time.perf_counter() - ts
+    return [(t, next(decoded) if isinstance(r, PendingJpeg) else r) for t, r in batch]
 
 
 def _embed_batch(batch: list[tuple[EmbedTask, DecodeResult]], encoder: Encoder,

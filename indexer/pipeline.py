@@ -7,25 +7,37 @@
 
 A writer lock per library keeps two indexers apart; SIGTERM/SIGINT (through indexer/stop.py) end the run after
 the batch in flight.
+
+With `ocr=True` (`clipsearch index --ocr`) a fourth stage reads the text in the photos under the roots that have
+none yet for their content: after the commit, in its own pool of worker processes (indexer/ingest/ocr.py,
+`read_many`), never serially after the model in the embedding loop. OCR costs far more per photo than embedding
+(bench/RESULTS.md, issue 17), so running it beside the decode workers would only slow the embedding down; as a
+stage of its own it gets every core, it reads what was committed even when the embed stage is re-run, and a photo
+whose OCR fails keeps its vector and gets a recorded reason (indexer/storage/ocr_store.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clipsearch.indexer.commit import Committer, IndexReport
 from clipsearch.indexer.config import IndexOptions
 from clipsearch.indexer.executors import EmbedContext, EmbedTask, Executor, LocalExecutor
+from clipsearch.indexer.ingest.cores import usable_cores
 from clipsearch.indexer.model.protocol import Encoder
-from clipsearch.indexer.plan import Plan, PlanItem, make_plan
+from clipsearch.indexer.plan import Plan, PlanItem, check_roots, make_plan
 from clipsearch.indexer.stop import stop_requested
 from clipsearch.indexer.storage.catalog import Catalog
 from clipsearch.indexer.storage.store import VectorStore
+
+if TYPE_CHECKING:
+    from clipsearch.indexer.storage.ocr_store import OcrReport
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +79,48 @@ class Indexer:
                  db_url: str | None = None) -> None:
         self.catalog, self.store, self.home, self.options = catalog, store, home, options
         self.encoder = EncoderSource.of(encoder)
-        self.executor = executor or LocalExecutor(options.workers, options.progress)
+        self.executor = executor or LocalExecutor(options.workers, options.progress, gpu_decode=options.gpu_decode)
         self.db_url = db_url
+        self.last_ocr: OcrReport | None = None  # what the OCR stage of the last run with ocr=True did
 
-    def run(self, roots: list[Path], on_progress: Callable[[int, int], Any] | None = None) -> IndexReport:
-        """Index `roots` incrementally. `on_progress(done, total)` is called after each batch (UI polling)."""
+    def run(self, roots: list[Path], on_progress: Callable[[int, int], Any] | None = None,
+            ocr: bool = False) -> IndexReport:
+        """Index `roots` incrementally. `on_progress(done, total)` is called after each batch (UI polling). With
+        `ocr`, the text in the photos under the roots is read after the commit (`last_ocr` reports it); a missing
+        OCR engine is a one-line UsageError before any work."""
         from clipsearch.indexer.lock import hold_writer_lock
 
+        if ocr:
+            from clipsearch.indexer.ingest.ocr import require_engine
+
+            require_engine()
+        self.last_ocr = None
         with hold_writer_lock(self.home, self.db_url):
-            return self._run(roots, on_progress)
+            report = self._run(roots, on_progress)
+            if ocr and not report.interrupted:
+                self.last_ocr = self._read_text(roots, report)
+            return report
+
+    def _read_text(self, roots: list[Path], report: IndexReport) -> OcrReport:
+        """The OCR stage: photos under the roots without text for their content, in `workers` processes (all
+        cores by default; 0 reads in this process); each part is stored as it comes, and a stop request ends the
+        stage after the part in flight (a re-run reads the rest)."""
+        from clipsearch.indexer.storage.ocr_store import OcrStore, read_and_store
+
+        ts = time.perf_counter()
+        under = [os.fsencode(str(r)) for r in check_roots(roots, self.home)]
+        todo = OcrStore(self.catalog).photos_needing(under=under)
+        workers = usable_cores() if self.options.workers is None else self.options.workers
+        bar = _ocr_bar(len(todo)) if self.options.progress and todo else None
+        try:
+            done = read_and_store(self.catalog, todo, workers, on_progress=bar and (lambda d, t: bar.update(d - bar.n)),
+                                  should_stop=stop_requested)
+        finally:
+            if bar is not None:
+                bar.close()
+        report.stage_seconds["ocr"] = time.perf_counter() - ts
+        report.interrupted = report.interrupted or done.interrupted
+        return done
 
     def _run(self, roots: list[Path], on_progress: Callable[[int, int], Any] | None) -> IndexReport:
         t0 = time.perf_counter()
@@ -157,3 +202,9 @@ class Indexer:
     def _remember_skipped(self, plan: Plan) -> None:
         """Files never read (not a photo extension), by extension, for `clipsearch status`."""
         self.catalog.set_meta("skipped_extensions", json.dumps(dict(plan.skipped_by_ext), sort_keys=True))
+
+
+def _ocr_bar(total: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="reading text", dynamic_ncols=True, smoothing=0.1)

@@ -30,6 +30,7 @@ import numpy as np
 
 from clipsearch.indexer.errors import ClipsearchError, ClusterError, UsageError
 from clipsearch.indexer.executors import EmbedContext, EmbedResult, EmbedTask
+from clipsearch.indexer.ingest.gpu_decode import GPU_DECODE_MODES
 from clipsearch.indexer.model.protocol import Encoder
 from clipsearch.indexer.status import PhotoStatus
 
@@ -115,7 +116,9 @@ class RayExecutor:
     head node. `workers`: encode actors (None: one per GPU of the cluster, else one per CPU). `gpus_per_worker`:
     GPUs each actor reserves (None: 1 when the cluster has GPUs, else 0 and the model runs on CPU). `backend` and
     `model_cache`: what each actor passes to `create_encoder` (the driver's config; a cache on shared storage lets
-    every node reuse one ONNX export or one download).
+    every node reuse one ONNX export or one download). `gpu_decode` (auto | on | off): with GPU actors, decode
+    tasks only read, hash and check plain JPEGs and each actor decodes their pixels on its GPU (auto: where the
+    node's torchvision can, else on the actor's CPU; on: an actor that cannot is an error; off: never).
 
     Every decode task and encode actor reserves one CPU. On a CPU-only cluster Ray Data therefore fuses the two
     stages: each actor decodes its own batch, then embeds it, on its own core (with one torch thread), which keeps
@@ -125,14 +128,16 @@ class RayExecutor:
 
     def __init__(self, address: str | None = None, workers: int | None = None, gpus_per_worker: float | None = None,
                  backend: str = "auto", model_cache: str | Path | None = None, progress: bool = False,
-                 on_progress: Callable[[RayProgress], Any] | None = None) -> None:
+                 on_progress: Callable[[RayProgress], Any] | None = None, gpu_decode: str = "auto") -> None:
+        if gpu_decode not in GPU_DECODE_MODES:
+            raise UsageError(f"--gpu-decode must be one of {', '.join(GPU_DECODE_MODES)} (got {gpu_decode!r})")
         if workers is not None and workers < 1:
             raise UsageError(f"--workers must be at least 1 (got {workers})")
         if gpus_per_worker is not None and gpus_per_worker < 0:
             raise UsageError(f"--gpus-per-worker must not be negative (got {gpus_per_worker})")
         self.address, self.workers, self.gpus_per_worker, self.backend = address, workers, gpus_per_worker, backend
         self.model_cache = str(model_cache) if model_cache is not None else None
-        self.progress, self.on_progress = progress, on_progress
+        self.progress, self.on_progress, self.gpu_decode = progress, on_progress, gpu_decode
         self._started = False  # this executor started (or joined) Ray and shuts it down on close()
 
     def connect(self) -> float:
@@ -231,14 +236,18 @@ class RayExecutor:
                   for part in (tasks[i : i + step] for i in range(0, len(tasks), step))]
         gpus, workers = self._sizes(ray)
         workers = min(workers, len(blocks))  # an actor beyond the number of blocks would only load a model
+        ship_jpeg = bool(gpus) and self.gpu_decode != "off"  # GPU actors decode the JPEGs' pixels themselves
         decoded = ray.data.from_arrow(blocks).map_batches(
             decode_batch, batch_size=None, batch_format="numpy", num_cpus=1,
-            fn_kwargs={"preprocess": ctx.preprocess, "max_pixels": ctx.max_pixels, "reuse_ref": reuse_ref})
+            fn_kwargs={"preprocess": ctx.preprocess, "max_pixels": ctx.max_pixels, "reuse_ref": reuse_ref,
+                       "ship_jpeg": ship_jpeg})
         return decoded.map_batches(
             EncodeActor, batch_size=step, batch_format="numpy", compute=ActorPoolStrategy(size=workers),
             num_cpus=1, num_gpus=gpus,
             fn_constructor_kwargs={"spec": ctx.spec, "device": "cuda" if gpus else "cpu", "backend": self.backend,
-                                   "model_cache": self.model_cache, "space_key": space_key})
+                                   "model_cache": self.model_cache, "space_key": space_key,
+                                   "gpu_decode": self.gpu_decode if ship_jpeg else "off",
+                                   "preprocess": ctx.preprocess, "max_pixels": ctx.max_pixels})
 
     def _sizes(self, ray: Any) -> tuple[float, int]:
         """GPUs per encode actor and the number of actors: as set, else from the cluster's resources. More actors

@@ -8,6 +8,11 @@ neither imports Ray at module level. Batches travel as dicts of numpy arrays (Ra
 * decode out:  key, meta (n,) pickled DecodeResult without pixels, has_pixels bool (n,), pixels uint8 (n, S, S, 3)
 * encode out:  key, meta, has_vector bool (n,), vector float32 (n, D), embed_s float64 (n,) model seconds
 
+When the encode actors hold GPUs (`ship_jpeg`), decode tasks leave the pixels of plain JPEGs to them: decode out then
+also has has_jpeg bool (n,) and jpeg (n,) pickled `gpu_decode.PendingJpeg` (the file's bytes and header facts; b""
+elsewhere), and the actor decodes those on its device (nvjpeg) before embedding, or on its CPU where the node's
+torchvision cannot. A block then carries the JPEGs' bytes (a few MB per camera photo) instead of 150 KB of pixels.
+
 Rows without pixels (a failure, a reuse answer) carry zero pixels and a zero vector, so every column keeps one
 fixed shape; `has_*` says which rows are real. Metadata is pickled whole so that the driver commits exactly the
 DecodeResult the local engine would have produced (dates, reasons and all).
@@ -24,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from clipsearch.indexer.ingest.decode import PreprocessSpec, decode_file
+from clipsearch.indexer.ingest.gpu_decode import PendingJpeg, TensorJpegDecoder, cpu_decode, decode_device, probe_file
 
 log = logging.getLogger(__name__)
 
@@ -46,20 +52,32 @@ def _reuse_hashes(reuse_ref: tuple[Any, ...] | None) -> frozenset[str]:
     return _REUSE_CACHE[key]
 
 
+def _pickled(obj: Any) -> bytes:
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def decode_batch(batch: Batch, preprocess: PreprocessSpec, max_pixels: int,
-                 reuse_ref: tuple[Any, ...] | None = None) -> Batch:
-    """Decode a block of files with the local engine's decoder (same statuses and reasons), on a CPU task."""
+                 reuse_ref: tuple[Any, ...] | None = None, ship_jpeg: bool = False) -> Batch:
+    """Decode a block of files with the local engine's decoder (same statuses and reasons), on a CPU task.
+
+    `ship_jpeg`: plain JPEGs are only read, hashed and checked here; their bytes travel to the encode actor, whose
+    GPU decodes them (`gpu_decode.probe_file`)."""
     reuse = _reuse_hashes(reuse_ref)
     n, size = len(batch["key"]), preprocess.size
     pixels = np.zeros((n, size, size, 3), np.uint8)
-    has_pixels = np.zeros(n, bool)
-    meta = np.empty(n, object)
+    has_pixels, has_jpeg = np.zeros(n, bool), np.zeros(n, bool)
+    meta, jpeg = np.empty(n, object), np.full(n, b"", object)
+    decode = probe_file if ship_jpeg else decode_file
     for i, (path, allow) in enumerate(zip(batch["path"], batch["reuse"], strict=True)):
-        result = decode_file(bytes(path), preprocess, max_pixels, reuse if allow else frozenset())
-        if result.pixels is not None:
+        result = decode(bytes(path), preprocess, max_pixels, reuse if allow else frozenset())
+        if isinstance(result, PendingJpeg):
+            jpeg[i], has_jpeg[i] = _pickled(result), True
+            result = result.result
+        elif result.pixels is not None:
             pixels[i], has_pixels[i] = result.pixels, True
-        meta[i] = pickle.dumps(replace(result, pixels=None), protocol=pickle.HIGHEST_PROTOCOL)
-    return {"key": np.asarray(batch["key"], np.int64), "meta": meta, "has_pixels": has_pixels, "pixels": pixels}
+        meta[i] = _pickled(replace(result, pixels=None))
+    out = {"key": np.asarray(batch["key"], np.int64), "meta": meta, "has_pixels": has_pixels, "pixels": pixels}
+    return {**out, "has_jpeg": has_jpeg, "jpeg": jpeg} if ship_jpeg else out
 
 
 class EncodeActor:
@@ -70,7 +88,9 @@ class EncodeActor:
     mix vectors of two spaces in one index.
     """
 
-    def __init__(self, spec: str, device: str | None, backend: str, model_cache: str | None, space_key: str) -> None:
+    def __init__(self, spec: str, device: str | None, backend: str, model_cache: str | None, space_key: str,
+                 gpu_decode: str = "auto", preprocess: PreprocessSpec | None = None,
+                 max_pixels: int = 100_000_000) -> None:
         from clipsearch.indexer.errors import UsageError
         from clipsearch.indexer.model.factory import create_encoder
 
@@ -79,13 +99,42 @@ class EncodeActor:
             raise UsageError(f"model {spec} on this node is embedding space {self.encoder.space.key}, "
                              f"the driver's is {space_key}: the nodes must share the same weights")
         self.dim = self.encoder.space.dim
+        self.preprocess, self.max_pixels = preprocess or self.encoder.preprocess_spec, max_pixels
+        jpeg_device = decode_device(gpu_decode, str(self.encoder.device))  # on: an error here if it cannot
+        self.jpegs = TensorJpegDecoder(jpeg_device, self.preprocess, max_pixels) if jpeg_device else None
+        self._warned = False
 
     def __call__(self, batch: Batch) -> Batch:
         """Embed the rows that have pixels; pixels are dropped here (only vectors travel back to the driver)."""
         t0 = time.perf_counter()
         has = np.asarray(batch["has_pixels"], bool)
+        pixels, meta = np.asarray(batch["pixels"]), batch["meta"]
+        if "has_jpeg" in batch and np.any(batch["has_jpeg"]):
+            has, pixels, meta = self._decode_jpegs(batch, has, pixels)
         vectors = np.zeros((len(has), self.dim), np.float32)
         if has.any():
-            vectors[has] = self.encoder.encode_pixels(np.asarray(batch["pixels"])[has])
+            vectors[has] = self.encoder.encode_pixels(pixels[has])
         embed_s = np.full(len(has), (time.perf_counter() - t0) / max(len(has), 1))  # sums to the batch's seconds
-        return {"key": batch["key"], "meta": batch["meta"], "has_vector": has, "vector": vectors, "embed_s": embed_s}
+        return {"key": batch["key"], "meta": meta, "has_vector": has, "vector": vectors, "embed_s": embed_s}
+
+    def _decode_jpegs(self, batch: Batch, has: np.ndarray,
+                      pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pixels for the rows the decode task shipped as JPEG bytes: on this actor's GPU, else its CPU (the
+        CPU decoder's result, as a decode task would have recorded it)."""
+        rows = np.flatnonzero(np.asarray(batch["has_jpeg"], bool))
+        items: list[PendingJpeg] = [pickle.loads(bytes(batch["jpeg"][i])) for i in rows]
+        if self.jpegs is not None:
+            results = self.jpegs.decode(items)
+        else:
+            if not self._warned:
+                log.warning("encode actor: JPEGs arrive undecoded but this node cannot decode them on the GPU; "
+                            "decoding them on the actor's CPU (--gpu-decode off decodes them in the decode tasks)")
+                self._warned = True
+            results = [cpu_decode(item, self.preprocess, self.max_pixels) for item in items]
+        has, pixels, meta = has.copy(), pixels.copy(), np.array(batch["meta"], object)
+        for i, result in zip(rows, results, strict=True):
+            has[i] = result.pixels is not None
+            if has[i]:
+                pixels[i] = result.pixels
+            meta[i] = _pickled(replace(result, pixels=None))
+        return has, pixels, meta

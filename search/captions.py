@@ -1,15 +1,21 @@
-"""Captions: what is in a photo, in words, from the captioner that reads the photo's stored CLIP embedding.
+"""Captions: what is in a photo, in words, kept in the catalog so that a library can be searched by them.
 
-`load_captioner(spec, encoder)` resolves a captioner spec (``demo``, or a folder written by training) and checks
-that it reads the encoder's embedding space; `caption_photos` captions catalogued photos from their stored vectors
-(no photo is decoded); `caption_image` captions a file or upload; `caption_scores` is the issue-18 measurement
-(object and colour named, BLEU-4). Nothing here writes to the catalog: storing captions is the caller's one
-transaction, after every caption has been generated, so a failure leaves the catalog as it was.
-torch is reached only through `clipsearch.indexer.model.captioner`, imported when a captioner is loaded.
+Two kinds of captioner, named by the same spec forms as the CLIP model:
+  * ``demo`` or a trained captioner FOLDER (captioner.json): reads the photo's stored CLIP embedding, so a library
+    is captioned without decoding a photo; it reads only the embedding space it was trained on;
+  * ``coca_ARCH:TAG`` (or any open_clip CoCa spec: ARCH:FILE, a model folder) and ``blip:NAME`` (transformers,
+    a hub name or a folder): read the photo itself (indexer/model/pixel_models.py), any CLIP model in use.
+`load_captioner` resolves a spec (one-line errors; a model not available offline says what to fetch and where);
+`caption_photos` captions catalogued photos, `caption_image` a file or upload; `caption_library` generates
+captions and stores them (indexer/storage/caption_store.py): every caption of a batch is generated before its one
+transaction, so a failure leaves the catalog as it was. `caption_scores` is the issue-18 measurement (object and
+colour named, BLEU-4). torch is reached only through the indexer's model modules, imported when a captioner loads.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 import os
 from collections import Counter
@@ -19,9 +25,19 @@ from typing import Any
 
 import numpy as np
 
-from clipsearch.indexer.errors import ModelUnavailable, PhotoNotFound, UsageError
+from clipsearch.indexer.errors import BadImage, ClipsearchError, ModelUnavailable, PhotoNotFound, UsageError
+from clipsearch.indexer.ingest.decode import DecodeError, open_image
 from clipsearch.indexer.status import PhotoStatus
+from clipsearch.indexer.storage.caption_store import CaptionStore
 from clipsearch.indexer.storage.catalog import Catalog
+
+from .explain import read_ref
+
+log = logging.getLogger(__name__)
+
+MAX_PIXELS = 100_000_000  # the decoder's bomb limit for photos read by pixel captioners
+_OFFLINE = "the demo captioner works offline: --captioner demo"
+_FORMS = "use demo, a captioner folder, coca_ARCH:TAG (open_clip CoCa) or blip:NAME (transformers BLIP)"
 
 
 def _demo_folder() -> Path:
@@ -31,23 +47,74 @@ def _demo_folder() -> Path:
     return Path(model_pkg.__file__).parent / "demo_captioner"
 
 
-def load_captioner(spec: str, encoder: Any) -> Any:
-    """A Captioner for `spec` that reads `encoder`'s embedding space; one-line errors otherwise.
-
-    Specs: ``demo`` (bundled, reads the demo CLIP model's space) or a folder holding captioner.json and
-    captioner.safetensors. Pixel-level captioners (open_clip CoCa, BLIP through transformers) are not built yet:
-    naming one says so instead of trying a download."""
+def captioner_kind(spec: str) -> tuple[str, str]:
+    """(kind, what to load) for a captioner spec: ("embedding", folder), ("coca", open_clip spec) or ("blip", hub
+    name or folder). Bad specs are one-line UsageErrors; nothing is loaded or fetched here."""
     spec = (spec or "").strip()
-    folder = _demo_folder() if spec == "demo" else Path(spec)
+    if not spec:
+        raise UsageError(f"the captioner spec is empty: {_FORMS}")
+    if spec == "demo":
+        return "embedding", str(_demo_folder())
+    if spec.startswith("blip:"):
+        if not spec[5:].strip():
+            raise UsageError("blip: needs a model name or folder, e.g. blip:Salesforce/blip-image-captioning-base")
+        return "blip", spec[5:].strip()
+    if os.path.isdir(spec):
+        folder = Path(spec)
+        for marker, kind in (("captioner.json", "embedding"), ("open_clip_config.json", "coca"),
+                             ("config.json", "blip")):
+            if (folder / marker).is_file():
+                return kind, spec
+        raise UsageError(f"captioner folder {spec} has no captioner.json (nor a CoCa open_clip_config.json, nor a "
+                         "BLIP config.json)")
+    arch, sep, weights = spec.partition(":")
+    if sep and weights and (arch.lower().startswith("coca") or arch.endswith(".json")):
+        return "coca", spec
+    raise UsageError(f"unknown captioner '{spec}' (no such folder here): {_FORMS}")
+
+
+def reads_embeddings(spec: str) -> bool:
+    """True when the captioner reads stored CLIP embeddings (it needs the encoder's space), False for pixels."""
+    return captioner_kind(spec)[0] == "embedding"
+
+
+def captioner_label(spec: str) -> str:
+    """The name stored with each caption: ``demo``, a folder's absolute path, or the registry spec; at most 255
+    characters (a longer path keeps its end and a digest)."""
+    kind, what = captioner_kind(spec)
+    label = spec.strip() if spec.strip() == "demo" or not os.path.isdir(spec) else str(Path(spec).resolve())
+    if kind == "blip":
+        label = "blip:" + (str(Path(what).resolve()) if os.path.isdir(what) else what)
+    if len(label) > 255:
+        label = hashlib.sha1(label.encode()).hexdigest()[:16] + ":" + label[-230:]
+    return label
+
+
+def load_captioner(spec: str, encoder: Any = None, device: str | None = None) -> Any:
+    """A captioner for `spec`; one-line errors otherwise (see captioner_kind for the forms). An embedding
+    captioner must read `encoder`'s space; pixel captioners ignore the encoder (it may be None) and load on
+    `device` (None: the best available)."""
+    kind, what = captioner_kind(spec)
+    try:
+        if kind == "coca":
+            from clipsearch.indexer.model.pixel_models import CocaCaptioner
+
+            return CocaCaptioner(what, device)
+        if kind == "blip":
+            from clipsearch.indexer.model.pixel_models import BlipCaptioner
+
+            return BlipCaptioner(spec.strip(), what, device)
+    except ModelUnavailable as e:
+        raise ModelUnavailable(f"{e}; {_OFFLINE}") from e
+    return _embedding_captioner(spec, Path(what), encoder)
+
+
+def _embedding_captioner(spec: str, folder: Path, encoder: Any) -> Any:
     if not (folder / "captioner.json").is_file():
-        if spec == "demo":
-            raise ModelUnavailable(f"the demo captioner is missing from {folder}: reinstall clipsearch or rebuild it "
-                                   "with `python bench/captions.py --out <that folder>`")
-        if os.path.isdir(folder):
-            raise UsageError(f"captioner folder {folder} has no captioner.json")
-        raise ModelUnavailable(f"captioner '{spec}' is not available offline: only 'demo' or a trained captioner "
-                               "folder (captioner.json + captioner.safetensors) can be used; CoCa and BLIP "
-                               "captioning are not supported yet")
+        raise ModelUnavailable(f"the demo captioner is missing from {folder}: reinstall clipsearch or rebuild it "
+                               "with `python bench/captions.py --out <that folder>`")
+    if encoder is None:
+        raise UsageError(f"captioner '{spec}' reads CLIP embeddings: it needs the library's model")
     from clipsearch.indexer.model.captioner import Captioner
 
     captioner = Captioner.load(folder)
@@ -63,32 +130,114 @@ def _model_hint(captioner: Any) -> str:
     return "demo" if label.startswith("demo:") else label
 
 
-def caption_photos(catalog: Catalog, space_id: int, captioner: Any, ids: list[int] | None = None,
-                   batch: int = 8192) -> dict[int, str]:
-    """Captions of catalogued photos (every photo with a vector in the space when `ids` is None) from their stored
-    embeddings. An id that is not an indexed photo of this space is a PhotoNotFound, raised before any caption is
-    written anywhere."""
+def _reads_pixels(captioner: Any) -> bool:
+    return getattr(captioner, "reads", "embeddings") == "pixels"
+
+
+def _generate(what: str, run: Any, *args: Any) -> list[str]:
+    """Run a captioner; its failure (out of memory, a broken model) is one line, and nothing has been stored."""
+    try:
+        return list(run(*args))
+    except ClipsearchError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError, MemoryError) as e:
+        raise ClipsearchError(f"captioning {what} failed ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:160] if str(e) else ''}); nothing was stored") from e
+
+
+def caption_photos(catalog: Catalog, space_id: int | None, captioner: Any, ids: list[int] | None = None,
+                   batch: int = 8192, skip_unreadable: bool = False) -> dict[int, str]:
+    """Captions of catalogued photos: from their stored embeddings (every photo with a vector in the space when
+    `ids` is None), or from their files for a pixel captioner (`ids` required). An id that is not an indexed photo
+    (of this space) is a PhotoNotFound, raised before any caption is generated; an unreadable file a BadImage,
+    unless `skip_unreadable` (then it is logged and left out)."""
     if ids is None:
+        if _reads_pixels(captioner) or space_id is None:
+            raise UsageError("caption_photos needs the photo ids for a captioner that reads pixels")
         ids = sorted(catalog.embedded_ids(space_id))
     else:
         rows = catalog.photos_by_id(list(ids))
         missing = [i for i in ids if i not in rows or rows[i]["status"] != PhotoStatus.INDEXED]
         if missing:
             raise PhotoNotFound(f"no indexed photo with id {missing[0]}")
+    if _reads_pixels(captioner):
+        return _caption_files(catalog, captioner, list(ids), min(batch, 16), skip_unreadable)
     out: dict[int, str] = {}
     for start in range(0, len(ids), batch):
         chunk = ids[start : start + batch]
-        vecs = catalog.vectors_for(space_id, chunk)
+        vecs = catalog.vectors_for(space_id, chunk) if space_id is not None else {}
         lost = [i for i in chunk if i not in vecs]
         if lost:
             raise PhotoNotFound(f"photo #{lost[0]} has no embedding for this model (run `clipsearch index`)")
-        out.update(zip(chunk, captioner.caption_vectors(np.stack([vecs[i] for i in chunk])), strict=True))
+        texts = _generate(f"{len(chunk)} photos", captioner.caption_vectors, np.stack([vecs[i] for i in chunk]))
+        out.update(zip(chunk, texts, strict=True))
     return out
 
 
+def _caption_files(catalog: Catalog, captioner: Any, ids: list[int], batch: int,
+                   skip_unreadable: bool) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for start in range(0, len(ids), batch):
+        kept, images = [], []
+        for i in ids[start : start + batch]:
+            try:
+                images.append(_open(read_ref(catalog, i, True), f"photo #{i}"))
+                kept.append(i)
+            except BadImage as e:
+                if not skip_unreadable:
+                    raise
+                log.warning("%s: not captioned", e)
+        out.update(zip(kept, _generate(f"{len(kept)} photos", captioner.caption_images, images), strict=True))
+    return out
+
+
+def _open(data: bytes, what: str) -> Any:
+    try:
+        return open_image(data, MAX_PIXELS)[0]
+    except DecodeError as e:
+        raise BadImage(f"cannot caption {what}: {e.reason}") from e
+
+
 def caption_image(encoder: Any, captioner: Any, data: bytes) -> str:
-    """Caption of one image file's bytes (decoded safely by the encoder; a bad image is a one-line BadImage)."""
-    return captioner.caption_vectors(encoder.encode_image_bytes(data))[0]
+    """Caption of one image file's bytes (decoded safely; a bad image is a one-line BadImage)."""
+    if _reads_pixels(captioner):
+        return _generate("the image", captioner.caption_images, [_open(data, "this image")])[0]
+    return _generate("the image", captioner.caption_vectors, encoder.encode_image_bytes(data))[0]
+
+
+def catalogued_id(catalog: Catalog, path: str) -> int | None:
+    """The id of the indexed photo at `path` (as the indexer recorded it, an absolute path), else None."""
+    full = os.fsencode(os.path.abspath(path))
+    known = catalog.known_files(under=[os.path.dirname(full)]).get(full)
+    return known.id if known is not None and known.status == PhotoStatus.INDEXED else None
+
+
+def caption_library(catalog: Catalog, captioner: Any, label: str, space_id: int | None = None,
+                    ids: list[int] | None = None, redo: bool = False, batch: int | None = None) -> dict[int, str]:
+    """Generate and store captions; returns what was generated. Named `ids`: all generated, then stored in one
+    transaction. Otherwise (`caption --all`) the indexed photos without a caption from `label` for their current
+    content (all of them with `redo`), a batch at a time: each batch is generated whole, then stored in one
+    transaction, so an interruption keeps finished batches and a failure writes nothing of its batch. Unreadable
+    files are skipped there (logged), and an embedding captioner takes the photos with a vector in `space_id`."""
+    store = CaptionStore(catalog)
+    if ids is not None:
+        found = caption_photos(catalog, space_id, captioner, ids)
+        store.put(found, label)
+        return found
+    todo = store.photos_needing(label, redo)
+    pixels = _reads_pixels(captioner)
+    if not pixels:
+        if space_id is None:
+            raise UsageError("captioning from embeddings needs the library's model")
+        todo = sorted(catalog.embedded_ids(space_id, among=todo))
+    batch = batch or (64 if pixels else 8192)
+    out: dict[int, str] = {}
+    for start in range(0, len(todo), batch):
+        found = caption_photos(catalog, space_id, captioner, todo[start : start + batch], skip_unreadable=True)
+        store.put(found, label)
+        out.update(found)
+        log.info("captioned %d of %d photos", min(start + batch, len(todo)), len(todo))
+    return out
 
 
 @dataclass(frozen=True)

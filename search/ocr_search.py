@@ -4,18 +4,34 @@
 Hybrid: a plain query ranks by CLIP score and by OCR match together through reciprocal rank fusion (each list
 contributes 1 / (c + rank)): it needs no calibration between cosine similarities and full-text scores, and a photo
 whose text matches the query words rises without a photo that only looks right being pushed out.
+
+In SearchService.search (so the API, the CLI and the server behave alike):
+
+* `text:"invoice 2024"` alone: photos whose text holds the phrase, ranked by the full-text score (no model query);
+* `text:"invoice" receipt`: only photos whose text matches, ranked by fusing CLIP("receipt") with the OCR match;
+* a plain query on a library where OCR has run: the CLIP ranking fused with photos whose text holds all its words
+  (exact words, any order). Without OCR text, or without a match, the ranking is the CLIP one, unchanged.
+
+Hits found through their text carry an `OcrMatch` (the photo's text and the spans of the matched words).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from clipsearch.indexer.ingest.ocr import ENGINE, OcrEngine, OcrResult
+import numpy as np
+
+from clipsearch.indexer.errors import UsageError
+from clipsearch.indexer.ingest.ocr import OcrEngine
 from clipsearch.indexer.storage.catalog import Catalog
-from clipsearch.indexer.storage.ocr_store import OcrStore
+from clipsearch.indexer.storage.ocr_store import FUZZY_MIN_LEN, OcrReport, OcrStore, has_texts, one_edit, words
+from clipsearch.indexer.storage.ocr_store import read_and_store as _read_and_store
+
+from .results import OcrMatch, SearchHit
 
 log = logging.getLogger(__name__)
 
@@ -49,31 +65,124 @@ def fuse(clip: Sequence[tuple[int, float]], ocr: Sequence[tuple[int, float]], oc
     return sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
 
 
-def highlight(text: str, query: str) -> list[tuple[int, int]]:
-    """(start, end) character spans of the query's words in a photo's text, for the lightbox to highlight."""
-    from clipsearch.indexer.storage.ocr_store import words
+def highlight(text: str, query: str, fuzzy: bool = False) -> list[tuple[int, int]]:
+    """(start, end) character spans of the query's words in a photo's text, for the lightbox to highlight; with
+    `fuzzy`, also words one misread character away from a query word of FUZZY_MIN_LEN or more letters (what the
+    full-text fallback matched)."""
+    terms = words(query)
+    wanted = set(terms) | ({"".join(terms)} if len(terms) > 1 else set())  # words OCR read without the space
+    near = {v for w in wanted if len(w) >= FUZZY_MIN_LEN for v in one_edit(w)} if fuzzy else set()
+    return [(m.start(), m.end()) for m in re.finditer(r"\w+", text) if m.group(0).lower() in wanted | near]
 
-    wanted = set(words(query))
-    return [(m.start(), m.end()) for m in re.finditer(r"\w+", text) if m.group(0).lower() in wanted]
+
+def ocr_library(catalog: Catalog, retry_failed: bool = False, workers: int = 1, engine: OcrEngine | None = None,
+                on_progress: Callable[[int, int], None] | None = None,
+                should_stop: Callable[[], bool] | None = None) -> OcrReport:
+    """`clipsearch ocr`: read the text of every indexed photo not read yet for its current content (and the failed
+    ones, with retry_failed), in `workers` processes; results are stored a part at a time, so an interrupted run
+    keeps its work. A failure is a stored status with its reason; the photo's CLIP vector is never touched."""
+    todo = OcrStore(catalog).photos_needing(retry_failed)
+    return _read_and_store(catalog, todo, workers, engine, on_progress, should_stop)
 
 
 def run_ocr(catalog: Catalog, engine: OcrEngine | None = None, retry_failed: bool = False, chunk: int = 16,
-            on_progress: Callable[[int, int], None] | None = None) -> dict[str, int]:
-    """Read the text of every indexed photo not read yet (`clipsearch ocr`, and `index --ocr` after its commit);
-    returns counts per status. Results are stored a chunk at a time, so an interrupted run keeps its work."""
-    store = OcrStore(catalog)
-    engine = engine or OcrEngine()
-    todo = store.photos_needing(retry_failed)
-    counts: dict[str, int] = {}
-    for start in range(0, len(todo), chunk):
-        part = todo[start : start + chunk]
-        results: dict[int, OcrResult] = {pid: engine.read_file(path) for pid, path in part}
-        store.put(results, ENGINE)
-        for r in results.values():
-            counts[r.status] = counts.get(r.status, 0) + 1
-        if on_progress:
-            on_progress(start + len(part), len(todo))
-    if counts.get("failed") or counts.get("timeout"):
-        log.warning("OCR failed on %d photos (their CLIP vectors are unaffected); see the reasons with "
-                    "OcrStore.failures()", counts.get("failed", 0) + counts.get("timeout", 0))
-    return counts
+            on_progress: Callable[[int, int], None] | None = None, workers: int = 1) -> dict[str, int]:
+    """`ocr_library` in this process (or `workers` processes) returning only the counts per status (ok, failed,
+    timeout); kept for scripts and the benchmark. `chunk` is no longer used: parts are sized by read_many."""
+    del chunk
+    return ocr_library(catalog, retry_failed, workers, engine, on_progress).statuses
+
+
+# --- the OCR side of a search ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OcrQuery:
+    """What a search asks of the recognised text."""
+
+    text: str  # the words matched against the photos' text
+    required: bool  # a text: term: only photos whose text matches; a plain query: the match only lifts (fusion)
+    phrase: bool  # the words in order, next to each other (text: terms); else all of them anywhere
+    fuzzy: bool  # allow one misread character in words of FUZZY_MIN_LEN or more letters (text: terms)
+
+
+def plan_query(query: str) -> tuple[str, OcrQuery | None]:
+    """Split a search into what CLIP reads ('' when nothing) and its text: part (None without one). A `+` left
+    dangling by taking a text: term out is dropped; a text: term without words is a one-line UsageError."""
+    tq = split_text_query(query)
+    if tq.text is None:
+        if tq.rest != " ".join(query.split()):
+            raise UsageError('text: needs the words to find in photos, e.g. text:"invoice 2024"')
+        return query, None
+    return tq.rest.strip(" +"), OcrQuery(tq.text, True, True, True)
+
+
+def hybrid_query(text: str) -> OcrQuery:
+    """The OCR side of a plain query: all its words anywhere in a photo's text, exactly (no fuzzy fallback, so a
+    look-alike word never lifts a photo above what CLIP ranks)."""
+    return OcrQuery(text, False, False, False)
+
+
+class OcrSearch:
+    """Matches, fusion and hit annotation over one catalog's OCR text (SearchService.search calls these)."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self._store: OcrStore | None = None
+
+    def store(self) -> OcrStore | None:
+        """The store once OCR has run on this catalog (asked again on every query until then); None before."""
+        if self._store is None and has_texts(self.catalog):
+            self._store = OcrStore(self.catalog)
+        return self._store
+
+    def matches(self, q: OcrQuery, n: int, allowed: np.ndarray | None = None,
+                exclude: set[int] | None = None) -> list[tuple[int, float]]:
+        """(photo id, full-text score) of up to n matching photos, best first, within the filter's ids."""
+        store = self.store()
+        if store is None:
+            return []
+        found = store.search(q.text, n, q.phrase, q.fuzzy, None if allowed is None else allowed.tolist())
+        return [(p, s) for p, s in found if not exclude or p not in exclude]
+
+    def note(self) -> str | None:
+        """What a text: query's page says when OCR never ran on this library (else None)."""
+        return None if self.store() else "no text has been read from these photos yet: run clipsearch ocr"
+
+    def fuse_into(self, q: OcrQuery, keep: list[tuple[int, float]], n: int, allowed: np.ndarray | None,
+                  exclude: set[int] | None, clip_scores: Callable[[list[int]], dict[int, float]]
+                  ) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+        """`merge` with up to n matches found here: (candidates in fused order, the matches and their scores)."""
+        found = self.matches(q, n, allowed, exclude)
+        return self.merge(q, keep, found, clip_scores), found
+
+    def merge(self, q: OcrQuery, keep: list[tuple[int, float]], found: list[tuple[int, float]],
+              clip_scores: Callable[[list[int]], dict[int, float]]) -> list[tuple[int, float]]:
+        """The candidates (id, CLIP score) in fused order: for a required text term only the matches, else the
+        CLIP candidates and the matches together. `clip_scores` gives the cosine of photos CLIP did not rank;
+        a match without a vector in this space is left out."""
+        if not found:
+            return [] if q.required else keep
+        if q.required:
+            clip = clip_scores([p for p, _ in found])
+            ranked = sorted(clip.items(), key=lambda kv: (-round(kv[1], 6), kv[0]))
+        else:
+            clip = dict(keep)
+            clip.update(clip_scores([p for p, _ in found if p not in clip]))
+            ranked = keep
+        fused = fuse(ranked, [(p, s) for p, s in found if p in clip], k=len(clip))
+        return [(p, clip[p]) for p, _ in fused]
+
+    def annotate(self, hits: list[SearchHit], q: OcrQuery, scores: dict[int, float]) -> list[SearchHit]:
+        """Hits found through their text get an OcrMatch (text, spans of the matched words, full-text score)."""
+        store = self.store()
+        ids = [h.id for h in hits if h.id in scores]
+        if store is None or not ids:
+            return hits
+        texts = store.texts_of(ids)
+        out = []
+        for h in hits:
+            row = texts.get(h.id) if h.id in scores else None
+            if row is not None:
+                spans = tuple(highlight(row["text"], q.text, q.fuzzy))
+                h = dataclasses.replace(h, ocr=OcrMatch(row["text"], spans, scores[h.id]))
+            out.append(h)
+        return out

@@ -3,7 +3,9 @@
 Most questions are answered by the answerer model (indexer/model/vqa.py) from the photo's CLIP embedding, stored
 for catalogued photos, so nothing is decoded. Position questions (left or right) are not: a pooled embedding
 barely keeps where things are (the demo model was even trained with flipped photos), so they are answered from
-where the "why did it match" heatmap (search/explain.py) peaks for the object the question names.
+where the "why did it match" heatmap (search/explain.py) peaks for the object the question names. A ViLT model
+(``vilt:NAME`` through transformers, for users who have its weights; indexer/model/pixel_models.py) reads the
+photo itself instead and answers every kind of question.
 `demo_questions` writes the generated questions the demo answerer is trained and measured on. Nothing here writes
 to the catalog. torch is reached only through the indexer's model modules, imported when first used.
 """
@@ -18,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from clipsearch.indexer.errors import ModelUnavailable, PhotoNotFound, UsageError
+from clipsearch.indexer.errors import BadImage, ModelUnavailable, PhotoNotFound, UsageError
+from clipsearch.indexer.ingest.decode import DecodeError, open_image
 from clipsearch.indexer.model.sample import BACKGROUNDS, COLOURS, SHAPES
 from clipsearch.indexer.storage.catalog import Catalog
 
@@ -39,21 +42,57 @@ class Answer:
     how: str  # "answerer" (from the embedding) or "heatmap" (position, from explain)
 
 
-def load_answerer(spec: str, encoder: Any) -> Any:
-    """An Answerer for `spec` (``demo`` or a folder with answerer.json) reading `encoder`'s space; one-line errors
-    otherwise. Pixel-level VQA models (ViLT through transformers) are not supported yet: naming one says so."""
-    spec = (spec or "").strip()
-    import clipsearch.indexer.model as model_pkg
+_FORMS = ("use demo, a trained answerer folder, or vilt:NAME (transformers ViLT, e.g. "
+          "vilt:dandelin/vilt-b32-finetuned-vqa)")
 
-    folder = Path(model_pkg.__file__).parent / "demo_answerer" if spec == "demo" else Path(spec)
+
+def answerer_kind(spec: str) -> tuple[str, str]:
+    """("embedding", folder) for ``demo`` or a trained answerer folder (answerer.json), ("vilt", hub name or
+    folder) for ``vilt:NAME`` or a folder of a transformers ViLT model (config.json); one-line UsageError
+    otherwise. Nothing is loaded or fetched here."""
+    spec = (spec or "").strip()
+    if not spec:
+        raise UsageError(f"the question model spec is empty: {_FORMS}")
+    if spec == "demo":
+        import clipsearch.indexer.model as model_pkg
+
+        return "embedding", str(Path(model_pkg.__file__).parent / "demo_answerer")
+    if spec.startswith("vilt:"):
+        if not spec[5:].strip():
+            raise UsageError("vilt: needs a model name or folder, e.g. vilt:dandelin/vilt-b32-finetuned-vqa")
+        return "vilt", spec[5:].strip()
+    if os.path.isdir(spec):
+        if (Path(spec) / "answerer.json").is_file():
+            return "embedding", spec
+        if (Path(spec) / "config.json").is_file():
+            return "vilt", spec
+        raise UsageError(f"answerer folder {spec} has no answerer.json (nor a ViLT config.json)")
+    raise UsageError(f"unknown question model '{spec}' (no such folder here): {_FORMS}")
+
+
+def reads_embeddings(spec: str) -> bool:
+    """True when the answerer reads stored CLIP embeddings (it needs the encoder's space), False for pixels."""
+    return answerer_kind(spec)[0] == "embedding"
+
+
+def load_answerer(spec: str, encoder: Any = None, device: str | None = None) -> Any:
+    """An answerer for `spec` (see answerer_kind), one-line errors otherwise. An embedding answerer must read
+    `encoder`'s space; ViLT reads the photo (the encoder may be None) and, when its weights are not here, the error
+    names what to install and fetch."""
+    kind, what = answerer_kind(spec)
+    if kind == "vilt":
+        from clipsearch.indexer.model.pixel_models import ViltAnswerer
+
+        try:
+            return ViltAnswerer(spec.strip(), what, device)
+        except ModelUnavailable as e:
+            raise ModelUnavailable(f"{e}; the demo answerer works offline: --answerer demo") from e
+    folder = Path(what)
     if not (folder / "answerer.json").is_file():
-        if spec == "demo":
-            raise ModelUnavailable(f"the demo answerer is missing from {folder}: reinstall clipsearch or rebuild it "
-                                   "with `python bench/questions.py --out <that folder>`")
-        if os.path.isdir(folder):
-            raise UsageError(f"answerer folder {folder} has no answerer.json")
-        raise ModelUnavailable(f"question model '{spec}' is not available offline: only 'demo' or a trained answerer "
-                               "folder (answerer.json + answerer.safetensors) can be used; ViLT is not supported yet")
+        raise ModelUnavailable(f"the demo answerer is missing from {folder}: reinstall clipsearch or rebuild it "
+                               "with `python bench/questions.py --out <that folder>`")
+    if encoder is None:
+        raise UsageError(f"question model '{spec}' reads CLIP embeddings: it needs the library's model")
     from clipsearch.indexer.model.vqa import Answerer
 
     answerer = Answerer.load(folder)
@@ -62,6 +101,10 @@ def load_answerer(spec: str, encoder: Any) -> Any:
         raise UsageError(f"question model '{spec}' reads embeddings of {label}, not of {encoder.space.label} (the "
                          f"model in use): use --model {'demo' if label.startswith('demo:') else label}")
     return answerer
+
+
+def _reads_pixels(answerer: Any) -> bool:
+    return getattr(answerer, "reads", "embeddings") == "pixels"
 
 
 def position_object(question: str) -> str | None:
@@ -77,6 +120,11 @@ def ask(encoder: Any, answerer: Any, vector: np.ndarray, question: str, image: A
     question = (question or "").strip()
     if not question:
         raise UsageError("the question is empty")
+    if _reads_pixels(answerer):
+        if image is None:
+            raise UsageError("this question model reads the photo itself, not its embedding")
+        text, prob = answerer.answer_images([_as_image(image)], [question])[0]
+        return Answer(question, text, prob, "answerer")
     target = position_object(question)
     if target is not None:
         if image is None:
@@ -90,10 +138,23 @@ def ask(encoder: Any, answerer: Any, vector: np.ndarray, question: str, image: A
     return Answer(question, text, prob, "answerer")
 
 
-def ask_ref(catalog: Catalog, space_id: int, encoder: Any, answerer: Any, ref: int | str | bytes, question: str,
-            allow_files: bool = True) -> Answer:
-    """`ask` about a catalogued photo id (its stored embedding), an image file (where `allow_files`) or uploaded
-    bytes. An unknown id is a one-line PhotoNotFound, an unreadable image a BadImage; the catalog is only read."""
+def _as_image(image: Any) -> Any:
+    """An upright RGB PIL image from bytes (decoded safely: a bad image is a one-line BadImage) or a PIL image."""
+    if not isinstance(image, bytes | bytearray):
+        return image.convert("RGB") if image.mode != "RGB" else image
+    try:
+        return open_image(bytes(image), 100_000_000)[0]
+    except DecodeError as e:
+        raise BadImage(f"cannot use this image: {e.reason}") from e
+
+
+def ask_ref(catalog: Catalog, space_id: int | None, encoder: Any, answerer: Any, ref: int | str | bytes,
+            question: str, allow_files: bool = True) -> Answer:
+    """`ask` about a catalogued photo id (its stored embedding, or its file for a ViLT model), an image file (where
+    `allow_files`) or uploaded bytes. An unknown id is a one-line PhotoNotFound, an unreadable image a BadImage;
+    the catalog is only read."""
+    if _reads_pixels(answerer):  # ViLT: the photo itself, for every question
+        return ask(encoder, answerer, None, question, read_ref(catalog, ref, allow_files))
     needs_image = position_object(question or "") is not None
     if isinstance(ref, int):
         vec = catalog.vectors_for(space_id, [ref]).get(ref)

@@ -249,6 +249,16 @@ class Relevance:
         return plan, probs, self.labels(plan, probs)
 
 
+def robust_location_scale(scores: np.ndarray) -> tuple[float, float]:
+    """Median and MAD-based sigma of a query's similarity to the library: the matching minority (what the user is
+    looking for) does not inflate them, so z-scores and the strong cutoff stay meaningful in small libraries."""
+    if len(scores) == 0:
+        return 0.0, 1.0
+    med = float(np.median(scores))
+    mad = float(np.median(np.abs(scores - med))) * 1.4826
+    return med, max(mad, float(scores.std()) * 0.1, 1e-6)
+
+
 def suggest_queries(relevance: Relevance, sample: np.ndarray, n: int = 6) -> list[str]:
     """Example queries that have strong matches in a library, from a sample of its vectors: each photo's best entry
     per group fills the vocabulary's example patterns; the most frequent fillings that the calibration itself

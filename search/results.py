@@ -2,9 +2,39 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import Any
+
+
+@dataclass(frozen=True)
+class OcrMatch:
+    """How a hit matched through the text recognised in it (search/ocr_search.py): the UI highlights the spans."""
+
+    text: str  # the photo's recognised text, one line per text line
+    spans: tuple[tuple[int, int], ...]  # (start, end) character offsets of the matched words in `text`
+    score: float  # full-text score of the match (positive, higher is better; comparable within one query)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form: {"text", "spans": [[start, end], ...], "score"}."""
+        return {"text": self.text, "spans": [list(s) for s in self.spans], "score": round(self.score, 6)}
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    """A hit standing for a stack of near-duplicates (search/stacks.py): the members found among the hits."""
+
+    ids: tuple[int, ...]  # every member found in the ranking, in rank order (the shown hit first)
+    group_size: int  # members of its duplicate group in the whole library (1: a photo without duplicates)
+
+    @property
+    def count(self) -> int:
+        """Hits folded into this one (1: nothing folded)."""
+        return len(self.ids)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form: {"count", "ids", "group_size"}."""
+        return {"count": self.count, "ids": list(self.ids), "group_size": self.group_size}
 
 
 @dataclass(frozen=True)
@@ -24,14 +54,21 @@ class SearchHit:
     relevance: str | None = None  # "strong" | "possible" | "weak" for a text query; None for image queries
     confidence: float | None = None  # P(query | photo) against the query's contrasts, what `relevance` is cut from
     rank: int = 0  # 1-based position in the whole ranking (offset included)
+    ocr: OcrMatch | None = None  # found through its recognised text (text: queries, hybrid ranking); else None
+    stack: StackInfo | None = None  # stacked results (search --stack): the near-duplicates folded into this hit
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly form (stable keys: id, path, score, z, date, width, height, format, tags, relevance,
-        confidence, rank)."""
-        d = asdict(self)
+        confidence, rank; plus "ocr" for a hit matched through its text and "stack" in stacked results, each only
+        when set, so other hits keep their shape)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("ocr", "stack")}
         d["date"] = self.date.isoformat() if self.date else None
         d["tags"], d["score"], d["z"] = list(self.tags), round(self.score, 6), round(self.z, 3)
         d["confidence"] = None if self.confidence is None else round(self.confidence, 4)
+        if self.ocr is not None:
+            d["ocr"] = self.ocr.as_dict()
+        if self.stack is not None:
+            d["stack"] = self.stack.as_dict()
         return d
 
 

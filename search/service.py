@@ -6,7 +6,6 @@ Parts are passed in (catalog, store, encoder); `build_service(config)` wires the
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,27 +13,25 @@ from typing import Any
 import numpy as np
 
 from clipsearch.indexer.errors import BadImage, EmptyLibrary, PhotoNotFound, UsageError
+from clipsearch.indexer.ingest.cores import usable_cores
 from clipsearch.indexer.storage.annotations import TagStore, TextCollections
 from clipsearch.indexer.storage.catalog import Catalog, SpaceInfo
 from clipsearch.indexer.storage.filters import PhotoFilter, filter_ids
 from clipsearch.indexer.storage.store import VectorStore
 
+from .caption_search import caption_page, captions_of
+from .image_text import ImageToText, read_caption_file
+from .ocr_search import OcrQuery, OcrSearch, hybrid_query, plan_query
 from .query import Term, parse_query
-from .relevance import LEVELS, STRONG, WEAK, Relevance, vocab_for
+from .refs import ImageRef, image_ref  # noqa: F401 - image_ref: re-exported (callers import it from here)
+from .relevance import LEVELS, STRONG, WEAK, Relevance, robust_location_scale, vocab_for
 from .results import Classification, LabelScore, SearchHit, SearchPage, TagPreview
+from .stacks import GroupCache, stacked_page
 from .tagging import Tagger, export_tags, remove_tags, tags_document
-from .zeroshot import LabelVectors, parse_labels, parse_templates
+from .thumbnails import thumbnail
+from .zeroshot import LabelVectors, parse_labels
 
 log = logging.getLogger(__name__)
-
-ImageRef = int | str | bytes  # an indexed photo id, an image file path, or raw image bytes
-
-
-def image_ref(value: ImageRef) -> ImageRef:
-    """A string of digits that is not an existing file means a photo id; anything else is kept as given."""
-    if isinstance(value, str) and value.isdigit() and not os.path.exists(value):
-        return int(value)
-    return value
 
 
 @dataclass(frozen=True)
@@ -50,16 +47,7 @@ class SearchOptions:
     allow_files: bool = True  # image terms/refs may name files on this machine; False in the UI and the server
     relevance_pool: int = 256  # text queries: candidates labelled strong/possible/weak at first (grows as needed)
     relevance_max: int = 20_000  # ...at most this many; past it the counts are minima (SearchPage.counts_exact)
-
-
-def _robust_location_scale(scores: np.ndarray) -> tuple[float, float]:
-    """Median and MAD-based sigma of a query's similarity to the library: the matching minority (what the user is
-    looking for) does not inflate them, so z-scores and the strong cutoff stay meaningful in small libraries."""
-    if len(scores) == 0:
-        return 0.0, 1.0
-    med = float(np.median(scores))
-    mad = float(np.median(np.abs(scores - med))) * 1.4826
-    return med, max(mad, float(scores.std()) * 0.1, 1e-6)
+    stack_on_demand: int = 5_000  # stack=True groups duplicates during a query only up to this many photos
 
 
 class SearchService:
@@ -73,10 +61,13 @@ class SearchService:
         self.texts = TextCollections(catalog)
         self.label_vectors = LabelVectors(encoder, cache_dir)
         self.relevance = Relevance(encoder, vocab_for(encoder), self.label_vectors)
+        self.captions = ImageToText(encoder, self.texts, self.label_vectors)
         self.tagger = Tagger(encoder, catalog, store, self.tags, self.label_vectors, self.space, self.relevance)
         self._calib: dict[str, tuple[int, np.ndarray]] = {}
-        self._text_index: dict[tuple[str, int], Any] = {}
+        self._examples: dict[str, tuple[int, list[str]]] = {}
         self._space_id: int | None = None
+        self.ocr = OcrSearch(catalog)  # text in photos: text: queries and the hybrid ranking (ocr_search.py)
+        self.groups = GroupCache(catalog, cache_dir, options.stack_on_demand, usable_cores())  # search(stack=True)
 
     # --- space ---------------------------------------------------------------------------------------------------
     def space(self, require_photos: bool = True) -> SpaceInfo:
@@ -106,8 +97,15 @@ class SearchService:
             return int(digits)
         return image_ref(value)
 
-    def image_vector(self, ref: ImageRef) -> np.ndarray:
-        """(D,) embedding of an indexed photo (stored, not recomputed), an image file, or raw bytes."""
+    def image_vector(self, ref: ImageRef, box: Any = None) -> np.ndarray:
+        """(D,) embedding of an indexed photo (stored, not recomputed), an image file, or raw bytes; with a `box`
+        (x, y, w, h in upright pixels, or "x,y,w,h"), of that crop, embedded like a photo (search/region.py)."""
+        if box is not None:
+            from .region import parse_box, region_vector
+
+            if isinstance(ref, str) and not self.options.allow_files:
+                raise self._no_files("an image")
+            return region_vector(self.encoder, ref, parse_box(box) if isinstance(box, str) else box, self.catalog)
         if isinstance(ref, int):
             vec = self.catalog.vectors_for(self.space(require_photos=False).id, [ref]).get(ref)
             if vec is None:
@@ -128,8 +126,8 @@ class SearchService:
         """Weighted sum of the terms' embeddings, renormalised."""
         texts = [t for t in terms if t.kind == "text"]
         total = np.zeros(self.encoder.space.dim, np.float32)
-        if texts:
-            for t, v in zip(texts, self.encoder.encode_texts([t.value for t in texts]), strict=True):
+        if texts:  # through the relevance check's text cache: a repeated query (every UI rerun) costs nothing
+            for t, v in zip(texts, self.relevance.text_vectors([t.value for t in texts]), strict=True):
                 total += t.weight * v
         for t in terms:
             if t.kind == "photo":
@@ -141,12 +139,14 @@ class SearchService:
             raise UsageError("the query terms cancel out")
         return total / norm
 
-    def check_k(self, k: int, offset: int = 0) -> None:
-        """The page size and offset every ranking call accepts (the CLI checks the same values)."""
+    def check_k(self, k: int, offset: int = 0, sort: str = "relevance") -> None:
+        """The page size, offset and sort order every ranking call accepts (the CLI checks the same values)."""
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= self.options.max_k:
             raise UsageError(f"k must be between 1 and {self.options.max_k}, got {k}")
         if isinstance(offset, bool) or not isinstance(offset, int | np.integer) or offset < 0:
             raise UsageError(f"offset must be 0 or more, got {offset}")
+        if sort not in ("relevance", "date"):
+            raise UsageError("sort must be 'relevance' or 'date'")
 
     # --- ranking -------------------------------------------------------------------------------------------------
     def _calibration(self, space: SpaceInfo) -> np.ndarray:
@@ -159,19 +159,17 @@ class SearchService:
 
     def rank(self, qvec: np.ndarray, k: int = 20, offset: int = 0, filters: PhotoFilter = PhotoFilter(),
              strong: bool = False, sort: str = "relevance", exclude: set[int] | None = None,
-             text: str | None = None) -> SearchPage:
+             text: str | None = None, ocr: OcrQuery | None = None) -> SearchPage:
         """Rank indexed photos against a query vector with filters, relevance cutoff, sorting and paging. With the
         query's `text` every candidate gets a calibrated label (search/relevance.py) and `strong` keeps the strong
-        ones; without it (image queries) `strong` is the z-score cutoff of _z_cutoff."""
-        self.check_k(k, offset)
-        if sort not in ("relevance", "date"):
-            raise UsageError("sort must be 'relevance' or 'date'")
+        ones; without it (image queries) `strong` is the z-score cutoff of _z_cutoff. `ocr`: see ocr_search.py."""
+        self.check_k(k, offset, sort)
         space = self.space()
         allowed = filter_ids(self.catalog, space.id, filters)
         want = offset + k + 1 + len(exclude or ()) + self.options.tie_slack
         if sort == "date" or strong:
             want = max(want, self.options.date_pool)
-        mu, sigma = _robust_location_scale(self._calibration(space) @ qvec)
+        mu, sigma = robust_location_scale(self._calibration(space) @ qvec)
         labelled = self._labelled(space, qvec, text, want, allowed, exclude) if text is not None else None
         if labelled is not None:
             keep, labels, page_info = labelled
@@ -183,17 +181,33 @@ class SearchService:
             cutoff = self._z_cutoff(keep, mu, sigma) if strong and keep else None
             if cutoff is not None:
                 keep = [(i, s) for i, s in keep if s >= cutoff]
+        found: list[tuple[int, float]] = []
+        if ocr is not None:  # fused with the photos' recognised text; cosines for photos only the text found
+            pool = self.options.relevance_max if ocr.required or allowed is not None else max(want, len(keep))
+            keep, found = self.ocr.fuse_into(ocr, keep, pool, allowed, exclude, lambda ids: {
+                i: float(v @ qvec) for i, v in self.catalog.vectors_for(space.id, ids).items()})
+        hits, more = self._page(keep, k, offset, sort, labels, (mu, sigma), ocr, dict(found))
+        return SearchPage(hits, offset, k, more, cutoff, **page_info)
+
+    def _page(self, keep: list[tuple[int, float]], k: int, offset: int, sort: str,
+              labels: dict[int, tuple[str, float]], norm: tuple[float, float] | None, ocr: OcrQuery | None,
+              ocr_scores: dict[int, float]) -> tuple[list[SearchHit], bool]:
+        """The page's hits and whether more follow; z-scores from `norm` (median, sigma), or 0 without one."""
         rows = self.catalog.photos_by_id([i for i, _ in keep])
         if sort == "date":
-            keep.sort(key=lambda p: (rows[p[0]]["date"] is not None, rows[p[0]]["date"]), reverse=True)
+            keep = sorted(keep, key=lambda p: (rows[p[0]]["date"] is not None, rows[p[0]]["date"]), reverse=True)
         page = keep[offset : offset + k]
         tag_map = self.tags.tags_of([i for i, _ in page])
+        mu, sigma = norm or (0.0, 0.0)
         hits = [
-            SearchHit(i, rows[i]["path"], s, (s - mu) / sigma, rows[i]["date"], rows[i]["width"], rows[i]["height"],
-                      rows[i]["format"], tuple(tag_map.get(i, ())), *labels.get(i, (None, None)), offset + n + 1)
+            SearchHit(i, rows[i]["path"], s, (s - mu) / sigma if norm else 0.0, rows[i]["date"], rows[i]["width"],
+                      rows[i]["height"], rows[i]["format"], tuple(tag_map.get(i, ())), *labels.get(i, (None, None)),
+                      offset + n + 1)
             for n, (i, s) in enumerate(page)
         ]
-        return SearchPage(hits, offset, k, len(keep) > offset + k, cutoff, **page_info)
+        if ocr is not None and ocr_scores:
+            hits = self.ocr.annotate(hits, ocr, ocr_scores)
+        return hits, len(keep) > offset + k
 
     def _candidates(self, space: SpaceInfo, qvec: np.ndarray, want: int, allowed: np.ndarray | None,
                     exclude: set[int] | None) -> list[tuple[int, float]]:
@@ -232,82 +246,68 @@ class SearchService:
         return keep, by_id, {"counts": counts, "counts_exact": exact, "note": plan.note()}
 
     def search(self, query: str, k: int = 20, offset: int = 0, filters: PhotoFilter = PhotoFilter(),
-               strong: bool = False, sort: str = "relevance") -> SearchPage:
-        """Text→image search; `query` may use the combined syntax (search/query.py). A plain text query (one
-        positive text term) gets calibrated relevance labels and counts; a combined one is ranked like an image."""
-        self.check_k(k, offset)
-        terms = parse_query(query, self.options.allow_files)
+               strong: bool = False, sort: str = "relevance", stack: bool = False) -> SearchPage:
+        """Text→image search; `query` may use the combined syntax (search/query.py) and `text:"..."` terms (words
+        in the photos, search/ocr_search.py). A plain text query (one positive text term) gets calibrated relevance
+        labels and counts, and is fused with OCR matches where OCR has run; a combined one is ranked like an image.
+        `stack` folds near-duplicates into one hit each (search/stacks.py); k and offset then count stacks."""
+        self.check_k(k, offset, sort)
+        if stack:
+            return self._stacked(lambda n: self.search(query, n, 0, filters, strong, sort), k, offset)
+        captioned = caption_page(self.catalog, query, k, offset, filters, self.space().id, sort, self.tags)
+        if captioned is not None:  # caption:"..." : the stored captions' words, full-text ranked (no model)
+            return captioned
+        clip_query, ocr = plan_query(query)
+        if ocr is not None and not clip_query:
+            return self._text_page(ocr, k, offset, filters, sort)
+        terms = parse_query(clip_query, self.options.allow_files)
         text = terms[0].value if len(terms) == 1 and terms[0].kind == "text" else None
-        return self.rank(self.query_vector(terms), k, offset, filters, strong, sort, text=text)
+        if ocr is None and text is not None:
+            ocr = hybrid_query(text)
+        return self.rank(self.query_vector(terms), k, offset, filters, strong, sort, text=text, ocr=ocr)
+
+    def _text_page(self, ocr: OcrQuery, k: int, offset: int, filters: PhotoFilter, sort: str) -> SearchPage:
+        """A query of text: terms only: photos whose recognised text matches, by full-text score (no model)."""
+        allowed = filter_ids(self.catalog, self.space().id, filters)
+        n = self.options.relevance_max if sort == "date" or allowed is not None else offset + k + 1
+        found = self.ocr.matches(ocr, n, allowed)
+        hits, more = self._page(found, k, offset, sort, {}, None, ocr, dict(found))
+        return SearchPage(hits, offset, k, more, note=self.ocr.note())
+
+    def _stacked(self, fetch: Any, k: int, offset: int) -> SearchPage:
+        return stacked_page(fetch, k, offset, self.groups.index(self.space()), self.options.max_k)
 
     def similar(self, ref: ImageRef, k: int = 20, offset: int = 0, filters: PhotoFilter = PhotoFilter(),
-                strong: bool = False, sort: str = "relevance") -> SearchPage:
-        """Image→image: photos like an indexed photo id, an image file, or uploaded bytes (excluding itself)."""
+                strong: bool = False, sort: str = "relevance", box: Any = None, stack: bool = False) -> SearchPage:
+        """Image→image: photos like an indexed photo id, an image file, or uploaded bytes (excluding itself).
+        `box` (x, y, w, h in the photo's upright pixels, or "x,y,w,h") searches with that region only; `stack` as
+        in search."""
         self.check_k(k, offset)
+        if stack:
+            return self._stacked(lambda n: self.similar(ref, n, 0, filters, strong, sort, box), k, offset)
         ref = self.image_ref(ref)
         exclude = {ref} if isinstance(ref, int) else None
-        return self.rank(self.image_vector(ref), k, offset, filters, strong, sort, exclude)
+        vec = self.image_vector(ref, box)
+        return self.rank(vec, k, offset, filters, strong, sort, exclude)
 
-    # --- image → text --------------------------------------------------------------------------------------------
+    # --- image → text (image_text.py) ------------------------------------------------------------------------------
     def describe(self, image: ImageRef, labels: str | list[str] | None = None, vocab: str | None = None,
                  texts: str | None = None, k: int = 10, templates: str | list[str] | None = None) -> list[LabelScore]:
         """Image→text: rank given labels/captions (text or a list, never a file), a built-in vocabulary, or an
         indexed text collection."""
-        if sum(x is not None for x in (labels, vocab, texts)) != 1:
-            raise UsageError("describe needs exactly one of labels, vocab or texts")
         self.check_k(k)
-        tmpl = parse_templates(templates)
-        names = [lab.name for lab in parse_labels(labels)] if labels is not None else None
-        vec = self.image_vector(self.image_ref(image))
-        if texts is not None:
-            return self._rank_collection(vec, texts, k)
-        from .vocab import templates_for, vocabulary
-
-        if names is None:
-            names = vocabulary(str(vocab))
-        if tmpl is None:
-            tmpl = self.label_vectors.default_templates() if len(names) <= 100 else templates_for(names)
-        scores = self.label_vectors(names, tmpl) @ vec
-        order = np.argsort(-scores)[:k]
-        return [LabelScore(names[i], float(scores[i])) for i in order]
-
-    def _rank_collection(self, vec: np.ndarray, name: str, k: int) -> list[LabelScore]:
-        import faiss
-
-        sid = self.space(require_photos=False).id
-        gen, texts, vecs = self.texts.load(name, sid)
-        key = (name, sid)
-        cached = self._text_index.get(key)
-        if cached is None or cached[0] != gen:
-            index = faiss.IndexFlatIP(vecs.shape[1])
-            index.add(np.ascontiguousarray(vecs))
-            cached = (gen, index, texts)
-            self._text_index[key] = cached
-        scores, ids = cached[1].search(vec[None, :].astype(np.float32), min(k, len(texts)))
-        return [LabelScore(cached[2][i], float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+        return self.captions.describe(lambda: self.image_vector(self.image_ref(image)),
+                                      lambda: self.space(require_photos=False).id, labels, vocab, texts, k, templates)
 
     def add_texts(self, path: str, name: str) -> int:
         """Embed a caption file (one text per line) once as a named collection of this model's space."""
         if not self.options.allow_files:
             raise self._no_files("a caption collection")
-        try:
-            with open(path, encoding="utf-8") as f:
-                lines = [line.strip() for line in f if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
-        if not lines:
-            raise UsageError(f"{path} has no text lines")
-        return self.add_text_lines(lines, name)
+        return self.add_text_lines(read_caption_file(path), name)
 
     def add_text_lines(self, lines: list[str], name: str) -> int:
         """Embed texts (blank and repeated ones dropped) once as a named collection of this model's space."""
-        lines = list(dict.fromkeys(s.strip() for s in lines if s and s.strip()))
-        if not lines:
-            raise UsageError("the text collection is empty")
-        if not name or not name.strip():
-            raise UsageError("the collection name is empty")
-        return self.texts.replace(name.strip(), self.space(require_photos=False).id, lines,
-                                  self.encoder.encode_texts(lines))
+        return self.captions.add_lines(lines, name, self.space(require_photos=False).id)
 
     # --- browsing ------------------------------------------------------------------------------------------------
     def example_queries(self, n: int = 6) -> list[str]:
@@ -316,11 +316,10 @@ class SearchService:
         from .relevance import suggest_queries
 
         space = self.space()
-        key = ("examples", space.key)
-        cached = self._text_index.get(key)
+        cached = self._examples.get(space.key)
         if cached is None or cached[0] != space.generation:
             cached = (space.generation, suggest_queries(self.relevance, self._calibration(space), n))
-            self._text_index[key] = cached
+            self._examples[space.key] = cached
         return list(cached[1])
 
     def default_labels(self) -> list[str]:
@@ -342,9 +341,11 @@ class SearchService:
 
     def thumbnail(self, photo_id: int, size: int = 320) -> bytes:
         """JPEG thumbnail of a catalogued photo, by id only (cached in the home dir)."""
-        from .thumbnails import thumbnail
-
         return thumbnail(self.catalog, (self.cache_dir or Path(".")) / "thumbs", photo_id, size)
+
+    def captions_of(self, ids: list[int]) -> dict[int, str]:
+        """Stored captions of photos (`clipsearch caption`), for the lightbox; photos without one are left out."""
+        return captions_of(self.catalog, ids)
 
     # --- zero-shot (Tagger in tagging.py; methods here so the API mirrors the CLI) ------------------------------
     def classify(self, images: list[ImageRef], labels: str | list[str], templates: str | list[str] | None = None,

@@ -5,22 +5,29 @@ present in the hits becomes one entry at the rank of its best-ranked member, wit
 a pass over the library, so `save_groups`/`load_groups` keep the last result in the cache dir; a cached result is
 still right for the photos it names after the library changed (new photos are simply not stacked until
 `clipsearch duplicates` runs again), and is dropped when the model or the thresholds differ.
+
+`GroupCache` is what a search with `stack=True` asks: the saved groups, reloaded when the file changes. When there
+are none yet (or they are older than the library) and the space is small (`on_demand_max` photos), it groups the
+library then and there and saves the result; a larger library gets a one-line UsageError asking for `clipsearch
+duplicates` first, because grouping decodes every photo once (minutes to hours), which no query should wait for.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clipsearch.indexer.storage.catalog import SpaceInfo
+from clipsearch.indexer.errors import UsageError
+from clipsearch.indexer.storage.catalog import Catalog, SpaceInfo
 
-from .duplicates import DuplicateGroup
-from .results import SearchHit
+from .duplicates import DEFAULT_PHASH_MAX, DEFAULT_THRESHOLD, DuplicateGroup, DuplicateOptions, find_duplicate_groups
+from .results import SearchHit, SearchPage, StackInfo
 
 log = logging.getLogger(__name__)
 
@@ -103,4 +110,79 @@ def load_groups(cache_dir: Path, space: SpaceInfo, threshold: float | None = Non
         return None
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.info("ignoring the saved duplicate groups: %s", e)
+        return None
+
+
+def stacked_page(fetch: Callable[[int], SearchPage], k: int, offset: int, index: Mapping[int, tuple[int, int]],
+                 max_k: int) -> SearchPage:
+    """A page of k stacks from offset (counted in stacks): `fetch(n)` returns the first n hits of the ranking, and
+    is asked for more until the page is full or the ranking ends. Each hit carries a StackInfo (count 1 for a photo
+    without duplicates among the hits) and its rank among the stacks."""
+    want = offset + k
+    n = min(max_k, 2 * want + 16)
+    while True:
+        page = fetch(n)
+        stacks = stack_hits(page.hits, index)
+        if len(stacks) > want or not page.has_more or n >= max_k:
+            break
+        n = min(max_k, 4 * n)
+    hits = [dataclasses.replace(st.hit, rank=offset + i + 1, stack=StackInfo(st.ids, st.group_size))
+            for i, st in enumerate(stacks[offset:want])]
+    return dataclasses.replace(page, hits=hits, offset=offset, limit=k, has_more=len(stacks) > want or page.has_more)
+
+
+class GroupCache:
+    """Duplicate groups for stacking, per space: the saved ones (reloaded when their file changes), else made on
+    demand for a small library (see the module docstring). `cache_dir` None keeps them in memory only."""
+
+    def __init__(self, catalog: Catalog, cache_dir: Path | None, on_demand_max: int = 5000, workers: int = 1) -> None:
+        self.catalog, self.cache_dir, self.on_demand_max, self.workers = catalog, cache_dir, on_demand_max, workers
+        self._loaded: dict[str, tuple[object, int, dict[int, tuple[int, int]]]] = {}  # key -> (stamp, gen, index)
+
+    def _stamp(self, space: SpaceInfo) -> object:
+        if self.cache_dir is None:
+            return None
+        try:
+            st = _cache_file(self.cache_dir, space).stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def index(self, space: SpaceInfo) -> dict[int, tuple[int, int]]:
+        """photo id -> (group number, group size) for stack_hits."""
+        stamp, cached = self._stamp(space), self._loaded.get(space.key)
+        if cached is not None and cached[0] == stamp and cached[1] == space.generation:
+            return cached[2]
+        groups = load_groups(self.cache_dir, space) if self.cache_dir is not None else None
+        generation = _saved_generation(self.cache_dir, space) if groups is not None else None
+        if groups is None or generation != space.generation:
+            count = self.catalog.space(space.id).count
+            if count <= self.on_demand_max:
+                groups = self._make(space, count)
+            elif groups is None:
+                raise UsageError(f"no duplicate groups yet for this library ({count:,} photos): run clipsearch "
+                                 "duplicates once (it decodes every photo), then search with --stack")
+        index = group_index(groups)
+        self._loaded[space.key] = (self._stamp(space), space.generation, index)
+        return index
+
+    def _make(self, space: SpaceInfo, count: int) -> list[DuplicateGroup]:
+        log.info("grouping near-duplicates of %d photos for stacking (clipsearch duplicates does it ahead)", count)
+        groups = find_duplicate_groups(self.catalog, space, DEFAULT_THRESHOLD, DEFAULT_PHASH_MAX,
+                                       options=DuplicateOptions(workers=self.workers))
+        if self.cache_dir is not None:
+            try:
+                save_groups(self.cache_dir, space, groups, DEFAULT_THRESHOLD, DEFAULT_PHASH_MAX)
+            except OSError as e:  # a read-only cache dir costs the next query the same work, nothing more
+                log.info("cannot save the duplicate groups: %s", e)
+        return groups
+
+
+def _saved_generation(cache_dir: Path | None, space: SpaceInfo) -> int | None:
+    """The space generation the saved groups were made at (None when unknown)."""
+    if cache_dir is None:
+        return None
+    try:
+        return int(json.loads(_cache_file(cache_dir, space).read_text(encoding="utf-8"))["generation"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -18,8 +18,8 @@ import pytest
 PROBE = ("import json, sys\nfrom clipsearch.ui.cli import main\nrc = main(sys.argv[1:])\n"
          "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules, 'open_clip': 'open_clip' in sys.modules}))")
 MODEL_DEFAULT = "else the model the library was indexed with, else ViT-B-32:laion2b_s34b_b79k"
-COMMANDS = ["index", "status", "reindex", "optimize", "search", "similar", "describe", "classify", "tag", "texts",
-            "make-sample", "train", "eval", "ui", "demo", "serve"]
+COMMANDS = ["index", "status", "reindex", "optimize", "ocr", "search", "similar", "describe", "classify", "tag",
+            "texts", "make-sample", "train", "eval", "ui", "demo", "serve"]
 
 
 def _env() -> dict[str, str]:

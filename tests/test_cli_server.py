@@ -82,3 +82,13 @@ def test_a_dead_server_file_falls_back_in_process(live: Live, tmp_path: Path) ->
     hits, probe, err = cli(live, "search", "a photo", "-k", "3", "--model", TINY, home=home)
     assert [h["path"] for h in hits] == [h.path for h in live.local.search("a photo", k=3).hits]
     assert "no server running" in err and "answered by the server" not in err
+
+
+def test_stack_and_box_options_are_answered_by_the_server(live: Live) -> None:
+    hits, probe, err = cli(live, "search", "a photo", "-k", "3", "--stack")
+    assert hits == live.local.search("a photo", k=3, stack=True).as_list() and all("stack" in h for h in hits)
+    assert probe["heavy"] == [] and "search answered by the server" in err
+    one = live.local.search("a photo", k=1).hits[0]
+    sim, probe, err = cli(live, "similar", str(one.id), "-k", "2", "--box", "0,0,8,8")
+    assert sim == live.local.similar(one.id, k=2, box=(0, 0, 8, 8)).as_list()
+    assert probe["heavy"] == [] and "similar answered by the server" in err

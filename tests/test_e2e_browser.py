@@ -1,7 +1,9 @@
 """End to end in a real headless Chromium, used as a person would: `clipsearch ui --roots DIR` over a 48-photo
 sample library indexed with the bundled demo model. Search and read the count and the badges, open the lightbox,
-ask for strong matches of something absent, classify then preview tags and see both, index a second folder from
-the Library page and see the count change, and feed each page bad input. Screenshots go to test-artifacts/.
+ask for strong matches of something absent, classify then preview tags and see both, index a second folder (which
+holds a resized copy of a photo of the first) from the Library page and see the count change, stack the copy under
+its original with a badge, see why a photo matched, ask it a question and search by a region of it, see the pair
+side by side on the Duplicates page, and feed each page bad input. Screenshots go to test-artifacts/.
 
 One server and one browser for the module keep it to about a minute of browser time."""
 
@@ -18,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image, ImageOps
 
 pytestmark = pytest.mark.e2e
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -40,7 +43,10 @@ def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("e2e")
     roots, home = base / "photos", base / "home"
     rows = make_sample(roots / "first", 48, seed=SEED)
-    make_sample(roots / "second", 12, seed=SEED + 1)  # indexed later from the Library page
+    later = make_sample(roots / "second", 12, seed=SEED + 1)  # indexed later from the Library page
+    original = roots / "first" / rows[0][0]  # its half-size copy joins it with the second folder
+    im = ImageOps.exif_transpose(Image.open(original)).convert("RGB")
+    im.resize((im.width // 2, im.height // 2)).save(roots / "second" / "copy-of-first.jpg", quality=90)
     env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
     cli = [sys.executable, "-m", "clipsearch"]
     subprocess.run(cli + ["index", str(roots / "first"), "--home", str(home), "--model", "demo", "--no-progress"],
@@ -62,7 +68,8 @@ def server(tmp_path_factory):
     else:
         proc.kill()
         pytest.fail("clipsearch ui did not start")
-    yield url, {Path(rel).name: item for rel, item in rows}, roots, log
+    every = {Path(rel).name: item for rel, item in rows + later}
+    yield url, {Path(rel).name: item for rel, item in rows}, roots, log, Path(rows[0][0]).name, every
     os.killpg(proc.pid, 15)
     proc.wait(timeout=20)
 
@@ -113,11 +120,12 @@ def _shot(page, name: str) -> None:
 
 def _goto(page, title: str) -> None:
     page.get_by_role("link", name=title).first.click()
+    page.get_by_role("heading", name=title, exact=True).first.wait_for(timeout=60_000)  # the run has started
     _settle(page)
 
 
 def test_search_counts_badges_and_lightbox(server, page) -> None:
-    _, items, _, _ = server
+    items = server[1]
     assert page.get_by_role("button", name="Deploy").count() == 0  # the toolbar is minimal
     _shot(page, "start")
     chips = page.locator("[data-testid='stButtonGroup'] button").all_inner_texts()
@@ -193,7 +201,7 @@ def test_zero_shot_results_stay_side_by_side(page) -> None:
 
 
 def test_library_indexes_a_folder_and_updates(server, page) -> None:
-    _, _, roots, log = server
+    roots, log = server[2], server[3]
     _goto(page, "Library")
     indexed = page.locator("[data-testid='stMetric']").filter(has_text="Indexed")
     assert "48" in indexed.inner_text()
@@ -206,6 +214,86 @@ def test_library_indexes_a_folder_and_updates(server, page) -> None:
     page.get_by_text("Indexing finished.").wait_for(timeout=120_000)
     _settle(page)
     _shot(page, "library")
-    assert "60" in indexed.inner_text()
+    assert "61" in indexed.inner_text()  # 48 + 12 + the copy
     text = log.read_text(errors="replace")
     assert "Traceback" not in text and "Warning" not in text, text[-2000:]
+
+
+def test_stack_toggle_folds_the_copy_under_its_original(server, page) -> None:
+    items, original = server[1], server[4]
+    _goto(page, "Search")
+    _search(page, items[original].caption)
+    toggle = page.get_by_text("Stack near-duplicates", exact=True)
+    toggle.click()
+    _settle(page)
+    assert page.get_by_text("+1 near-duplicate").count() == 1  # grouped on demand (a small library)
+    _shot(page, "stacked")
+    shown = " ".join(page.locator("[data-testid='stMain'] [data-testid='stCaptionContainer']").all_inner_texts())
+    assert (original in shown) != ("copy-of-first.jpg" in shown)  # one card for the pair: the better ranked
+    toggle.click()
+    _settle(page)
+    assert page.get_by_text("+1 near-duplicate").count() == 0
+
+
+def test_lightbox_explains_answers_and_searches_a_region(server, page) -> None:
+    every = server[5]
+    _search(page, "a red circle")
+    page.locator("[data-testid='stMain']").get_by_role("button", name="Open").first.click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_text("Photos like this").wait_for(timeout=60_000)
+    _settle(page)
+    shown = re.search(r"s\d+_\d+\.\w+", dialog.inner_text()).group(0)  # the file name at the top
+    dialog.get_by_text("Why did it match?", exact=True).click()
+    dialog.get_by_text("Where 'a red circle' matches").wait_for(timeout=60_000)
+    _settle(page)
+    _shot(page, "lightbox-why")
+    assert dialog.locator("img").count() >= 2  # the heatmap, and photos like it
+    box = dialog.get_by_label("Ask about this photo")
+    box.fill("what colour is the shape?")
+    box.press("Enter")
+    dialog.get_by_text("Answer:").wait_for(timeout=60_000)
+    _settle(page)
+    _shot(page, "lightbox-ask")
+    assert re.search(rf"Answer: {every[shown].colour} · confidence [01]\.\d\d", dialog.inner_text())
+    dialog.get_by_text("Search by a region", exact=True).click()
+    dialog.get_by_role("button", name="Search this region").wait_for(timeout=30_000)
+    _settle(page)
+    _shot(page, "lightbox-region")
+    dialog.get_by_role("button", name="Search this region").click()
+    page.get_by_text(re.compile(r"Photos like this region of #\d+")).wait_for(timeout=60_000)
+    _settle(page)
+    assert page.get_by_role("dialog").count() == 0 and len(_hit_names(page)) >= 1
+    page.get_by_role("button", name="Back to query").click()
+    _settle(page)
+    assert page.locator("[data-testid='stException']").count() == 0
+
+
+def test_duplicates_page_shows_the_pair_side_by_side(server, page) -> None:
+    log, original = server[3], server[4]
+    _goto(page, "Duplicates")
+    assert page.get_by_text("never deletes or moves a photo").count() == 1
+    page.get_by_role("button", name="Find duplicates").click()
+    page.get_by_text("Group 1: 2 photos").wait_for(timeout=120_000)
+    _settle(page)
+    _shot(page, "duplicates")
+    assert page.get_by_text(re.compile(r"^1 group of duplicates · 2 photos")).count() == 1
+    assert page.get_by_text("keep (suggested)").count() == 1
+    kept = page.get_by_text(re.compile(rf"^{re.escape(original)} — ")).first.bounding_box()
+    copy = page.get_by_text(re.compile(r"^copy-of-first\.jpg — ")).first.bounding_box()
+    assert abs(kept["y"] - copy["y"]) < 5 and copy["x"] > kept["x"] + 50  # side by side, the original first
+    assert page.locator("[data-testid='stException']").count() == 0
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text and "Warning" not in text, text[-2000:]
+
+
+def test_more_like_this_from_the_image_page_opens_the_search_page(page) -> None:
+    _goto(page, "Image")
+    page.get_by_label("…or a catalogued photo id").fill("2")
+    page.get_by_label("…or a catalogued photo id").press("Enter")
+    _settle(page)
+    page.get_by_text("Similar photos").wait_for(timeout=60_000)
+    page.locator("[data-testid='stMain']").get_by_role("button", name="More like this").first.click()
+    page.get_by_text(re.compile(r"^Photos like #\d+$")).wait_for(timeout=60_000)
+    _settle(page)
+    assert page.get_by_label("Describe the photo you want").count() == 1 and len(_hit_names(page)) >= 1
+    assert page.locator("[data-testid='stException']").count() == 0

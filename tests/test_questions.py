@@ -13,7 +13,16 @@ from PIL import ImageOps
 
 from clipsearch.indexer.errors import BadImage, ModelUnavailable, PhotoNotFound, UsageError
 from clipsearch.indexer.model.sample import SampleItem, render
-from clipsearch.search.questions import ask, ask_ref, demo_questions, load_answerer, position_object, question_scores
+from clipsearch.search.questions import (
+    answerer_kind,
+    ask,
+    ask_ref,
+    demo_questions,
+    load_answerer,
+    position_object,
+    question_scores,
+    reads_embeddings,
+)
 
 from .conftest import TINY
 from .fakes import FakeEncoder, concept, populate
@@ -106,12 +115,45 @@ def test_demo_answerer_and_left_right_from_the_heatmap() -> None:
     assert mirrored.text == ("right" if left else "left")
 
 
-def test_question_model_specs_give_one_line_errors(tmp_path: Path) -> None:
+def test_question_model_specs_give_one_line_errors(tmp_path: Path, monkeypatch) -> None:
+    from clipsearch.indexer.model import pixel_models
     from clipsearch.indexer.model.factory import create_encoder
 
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(pixel_models, "has_transformers", lambda: False)
     tiny = create_encoder(TINY, "cpu", backend="torch")
-    for spec, err in (("dandelin/vilt-b32-finetuned-vqa", ModelUnavailable), (str(tmp_path), UsageError),
+    vilt = "vilt:dandelin/vilt-b32-finetuned-vqa"
+    for spec, err in (("dandelin/vilt-b32-finetuned-vqa", UsageError), (str(tmp_path), UsageError),
+                      (str(tmp_path / "gone"), UsageError), ("vilt:", UsageError), (vilt, ModelUnavailable),
                       ("demo", UsageError)):
         with pytest.raises(err) as caught:
             load_answerer(spec, tiny)
-        assert "\n" not in str(caught.value)
+        assert "\n" not in str(caught.value), spec
+    with pytest.raises(ModelUnavailable) as caught:
+        load_answerer(vilt)
+    line = str(caught.value)  # what to install, which weights, where, and the offline alternative
+    assert "pip install transformers" in line and "hf download dandelin/vilt-b32-finetuned-vqa" in line
+    assert "--answerer demo" in line
+    assert answerer_kind(vilt) == ("vilt", "dandelin/vilt-b32-finetuned-vqa") and not reads_embeddings(vilt)
+    assert reads_embeddings("demo")
+
+
+class _PixelAnswerer:
+    """Stands in for ViLT: reads the photo itself and says how wide it is."""
+
+    reads = "pixels"
+
+    def answer_images(self, images, questions):
+        return [(f"{im.size[0]} wide", 0.9) for im in images]
+
+
+def test_a_pixel_answerer_reads_the_photo_for_every_question(tmp_path: Path) -> None:
+    path = tmp_path / "p.png"
+    render(SampleItem("star", "red", "grass", "small"), 60, 40, np.random.default_rng(1)).save(path)
+    cat, _ = populate(tmp_path, [(str(path), "red star", None), ("/p/missing.jpg", "red square", None)])
+    for ref in (1, str(path), path.read_bytes()):
+        got = ask_ref(cat, None, None, _PixelAnswerer(), ref, "is it on the left or the right?")
+        assert (got.text, got.how) == ("60 wide", "answerer")
+    for ref, err in ((2, BadImage), (999, PhotoNotFound), (b"junk", BadImage)):
+        with pytest.raises(err):
+            ask_ref(cat, None, None, _PixelAnswerer(), ref, "what is it?")

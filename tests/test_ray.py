@@ -274,3 +274,50 @@ def test_gpus_the_cluster_does_not_have_are_an_error_not_a_hang(ray_cluster, tmp
     task = EmbedTask(0, os.fsencode(make_photo(tmp_path / "a.jpg", 1)))
     with pytest.raises(ClusterError, match=r"more GPUs than the Ray cluster has \(0\)"):
         list(RayExecutor(gpus_per_worker=1).run([task], ctx, lambda: tiny_encoder))
+
+
+def test_shipped_jpeg_bytes_ride_a_ray_dataset_to_the_stage_that_decodes_them(ray_cluster, tmp_path,
+                                                                               tiny_encoder) -> None:
+    """With GPU actors, decode tasks ship plain JPEGs as bytes (pickled PendingJpegs in an object column); here a
+    stage standing in for the actors decodes them with the same tensor path on the CPU (this cluster has no GPU)."""
+    import pickle
+    from dataclasses import replace
+
+    import pyarrow as pa
+    import ray
+
+    from clipsearch.indexer.ingest.decode import decode_file
+    from clipsearch.indexer.ray_stages import decode_batch
+
+    paths = sorted(p for p in _make_library(tmp_path / "photos", 6).rglob("*") if p.is_file())
+    spec = tiny_encoder.preprocess_spec
+
+    def decode_shipped(batch: dict) -> dict:
+        import pickle
+
+        from clipsearch.indexer.ingest.gpu_decode import TensorJpegDecoder
+
+        rows = np.flatnonzero(batch["has_jpeg"])
+        results = TensorJpegDecoder("cpu", spec).decode([pickle.loads(bytes(batch["jpeg"][i])) for i in rows])
+        pixels = np.array(batch["pixels"])
+        for i, result in zip(rows, results, strict=True):
+            pixels[i] = result.pixels
+        return {"key": batch["key"], "meta": batch["meta"], "has": batch["has_pixels"] | batch["has_jpeg"],
+                "shipped": batch["has_jpeg"], "pixels": pixels}
+
+    table = pa.table({"key": pa.array(range(len(paths)), pa.int64()), "path": pa.array([bytes(p) for p in paths]),
+                      "reuse": pa.array([True] * len(paths))})
+    ds = ray.data.from_arrow([table]).map_batches(
+        decode_batch, batch_size=None, batch_format="numpy",
+        fn_kwargs={"preprocess": spec, "max_pixels": 100_000_000, "ship_jpeg": True},
+    ).map_batches(decode_shipped, batch_size=4, batch_format="numpy")
+    out = {int(k): (pickle.loads(bytes(m)), bool(h), bool(s), px) for b in ds.iter_batches(batch_format="numpy")
+           for k, m, h, s, px in zip(b["key"], b["meta"], b["has"], b["shipped"], b["pixels"], strict=True)}
+    assert sorted(out) == list(range(len(paths)))
+    assert sum(s for _, _, s, _ in out.values()) == 7  # the six JPEGs and the one with EXIF: not the broken ones
+    for k, path in enumerate(paths):
+        cpu = decode_file(path, spec)
+        meta, has, _, pixels = out[k]
+        assert meta == replace(cpu, pixels=None) and has == (cpu.pixels is not None), path.name
+        if has:
+            assert np.abs(pixels.astype(int) - cpu.pixels.astype(int)).mean() < 3, path.name

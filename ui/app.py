@@ -20,6 +20,7 @@ nav = st.navigation([
     st.Page(pages / "search_page.py", title="Search", icon=":material/search:", default=True),
     st.Page(pages / "image_page.py", title="Image", icon=":material/image:"),
     st.Page(pages / "zeroshot_page.py", title="Zero-shot", icon=":material/label:"),
+    st.Page(pages / "duplicates_page.py", title="Duplicates", icon=":material/content_copy:"),
     st.Page(pages / "library_page.py", title="Library", icon=":material/photo_library:"),
 ])
 nav.run()

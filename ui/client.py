@@ -261,20 +261,25 @@ class Client:
         return self.request("GET", "/api/status")
 
     def search(self, query: str, k: int = 20, offset: int = 0, filters: Any = None, strong: bool = False,
-               sort: str = "relevance") -> RemotePage:
+               sort: str = "relevance", stack: bool = False) -> RemotePage:
         """As SearchService.search. A combined query naming a local image file is the in-process path's to answer
         (the server reads no paths): ServerUnavailable."""
         from clipsearch.search.query import parse_query  # light: no numpy, no model
 
         if any(t.kind == "image" for t in parse_query(query)):
             raise ServerUnavailable("the query names a local image file: answered in-process")
-        params = {"q": query, "k": k, "offset": offset, "strong": strong, "sort": sort, **_filter_params(filters)}
+        params = {"q": query, "k": k, "offset": offset, "strong": strong, "sort": sort, "stack": stack or None,
+                  **_filter_params(filters)}
         return self._page(self.request("GET", "/api/search", params))
 
     def similar(self, ref: int | str | bytes, k: int = 20, offset: int = 0, filters: Any = None,
-                strong: bool = False, sort: str = "relevance") -> RemotePage:
-        """As SearchService.similar: an indexed id, a local image file (uploaded) or image bytes."""
-        params = {"k": k, "offset": offset, "strong": strong, "sort": sort, **_filter_params(filters)}
+                strong: bool = False, sort: str = "relevance", box: Any = None, stack: bool = False) -> RemotePage:
+        """As SearchService.similar: an indexed id, a local image file (uploaded) or image bytes; `box` as
+        (x, y, w, h) or "x,y,w,h"."""
+        if box is not None and not isinstance(box, str):
+            box = ",".join(str(int(v)) for v in box)
+        params = {"k": k, "offset": offset, "strong": strong, "sort": sort, "box": box, "stack": stack or None,
+                  **_filter_params(filters)}
         if isinstance(ref, int):
             return self._page(self.request("GET", f"/api/similar/{ref}", params))
         form = _Multipart()

@@ -46,6 +46,9 @@ def _index_args(p: argparse.ArgumentParser) -> None:
                    help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: a local Ray instance)")
     p.add_argument("--gpus-per-worker", type=_fraction_or_more, default=None, metavar="G",
                    help="GPUs per Ray encode worker (default: 1 when the cluster has GPUs)")
+    p.add_argument("--gpu-decode", choices=["auto", "on", "off"], default=_DEFAULTS.gpu_decode,
+                   help="decode JPEG pixels on the GPU when the model runs on CUDA (auto; on: fail rather than fall "
+                        "back to the CPU; off: always the CPU)")
     p.add_argument("--ocr", action="store_true",
                    help="also read the text in the photos (signs, receipts, screenshots) for text:\"...\" queries, "
                         "after the commit in --workers processes (pip install 'clipsearch[ocr]')")
@@ -60,12 +63,16 @@ def cmd_index(args: argparse.Namespace) -> int:
     """Index folders and print the run summary; a stop request (SIGTERM/SIGINT) ends it after a committed batch."""
     from clipsearch.indexer.app import build_indexer
 
+    if args.gpu_decode == "on":  # before any work: no GPU decoder here is one line, not a failure mid-run
+        from clipsearch.indexer.ingest.gpu_decode import decode_device
+
+        decode_device("on", config_from(args).device or "cuda")
     if args.ocr:  # before any work: a missing extra is one line naming it
         from clipsearch.indexer.ingest.ocr import require_engine
 
         require_engine()
     opts = IndexOptions(batch_size=args.batch_size, workers=args.workers, force=args.force,
-                        max_pixels=args.max_pixels, follow_symlinks=args.follow_symlinks,
+                        max_pixels=args.max_pixels, follow_symlinks=args.follow_symlinks, gpu_decode=args.gpu_decode,
                         progress=not (args.no_progress or args.json))
     config = config_from(args)
     progress = args.progress_file or config.home / "index-progress.json"
@@ -116,7 +123,8 @@ def _ray_executor(args: argparse.Namespace, config: AppConfig, opts: IndexOption
     from clipsearch.indexer.ray_executor import RayExecutor
 
     executor = RayExecutor(address=args.address, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                           backend=config.backend, model_cache=config.model_cache, progress=opts.progress)
+                           backend=config.backend, model_cache=config.model_cache, progress=opts.progress,
+                           gpu_decode=opts.gpu_decode)
     executor.connect()
     return executor
 

@@ -1,4 +1,5 @@
-"""Query commands: search, similar, describe, classify, tag, texts. Each calls one SearchService method.
+"""Query commands: search, similar, describe, classify, tag, texts, and `ocr` (reads the text that `search
+'text:"..."'` finds). Each calls one SearchService method (`ocr`: one pass of search/ocr_search.py).
 
 `tag --export` and `tag --remove` need no model: they work on the catalog alone, so they never import torch.
 """
@@ -15,10 +16,12 @@ from .commands_common import (
     config_from,
     filters_from,
     labels_from,
+    non_negative,
     open_library,
     out,
     page_size,
     probability,
+    require_indexed,
     service_for,
     templates_from,
 )
@@ -29,9 +32,36 @@ LABELS_HELP = "a FILE (one label per line) or L1,L2,... (label=0.7 sets a per-la
 
 def _ref(value: str) -> int | str:
     """A photo id (all digits, not an existing file) or an image path."""
-    from clipsearch.search.service import image_ref
+    from clipsearch.search.refs import image_ref  # light: a server may answer, with no model stack here
 
     return image_ref(value)  # type: ignore[return-value]
+
+
+def _hit_line(h: Any) -> str:
+    """A hit as one line, plus its stack (search --stack) when it folds copies."""
+    line = f"{h.rank:4d}. {h.score:7.4f}  {(h.relevance or '-'):8s} #{h.id:<6d} {h.path}"
+    stack = getattr(h, "stack", None)
+    if stack is not None and stack.count > 1:
+        line += f"  [stack of {stack.count}: " + " ".join(f"#{i}" for i in stack.ids) + "]"
+    return line
+
+
+def _ocr_snippet(match: Any, width: int = 100) -> str:
+    """The lines of a photo's text that hold matched words, joined by " / ", matched words in [brackets]."""
+    text, spans = match.text, [tuple(s) for s in match.spans]
+    shown, start = [], 0
+    for line in text.split("\n"):
+        end = start + len(line)
+        inside = [(a - start, b - start) for a, b in spans if start <= a and b <= end]
+        if inside:
+            marked, pos = [], 0
+            for a, b in inside:
+                marked += [line[pos:a], f"[{line[a:b]}]"]
+                pos = b
+            shown.append("".join(marked) + line[pos:])
+        start = end + 1
+    out = " / ".join(shown) or text.replace("\n", " / ")
+    return out if len(out) <= width else out[: width - 1] + "…"
 
 
 def _print_page(args: argparse.Namespace, page: Any) -> None:
@@ -41,7 +71,11 @@ def _print_page(args: argparse.Namespace, page: Any) -> None:
         lines.append(f"{more}{page.counts.get('strong', 0)} strong · {page.counts.get('possible', 0)} possible")
     if page.note:
         lines.append(f"note: {page.note}")
-    lines += [f"{h.rank:4d}. {h.score:7.4f}  {(h.relevance or '-'):8s} #{h.id:<6d} {h.path}" for h in page.hits]
+    for h in page.hits:
+        lines.append(_hit_line(h))
+        match = getattr(h, "ocr", None)
+        if match is not None:
+            lines.append(f"{'':16s}text: {_ocr_snippet(match)}")
     if not page.hits:
         lines.append("no matches")
     if page.has_more:
@@ -49,33 +83,62 @@ def _print_page(args: argparse.Namespace, page: Any) -> None:
     out(args, page.as_list(), "\n".join(lines))
 
 
+def _box(value: str) -> tuple[int, int, int, int]:
+    """--box x,y,w,h: four whole numbers (whether the box fits the photo is checked once it is decoded)."""
+    from clipsearch.indexer.errors import UsageError
+    from clipsearch.search.region import parse_box
+
+    try:
+        return parse_box(value)
+    except UsageError:
+        raise argparse.ArgumentTypeError(f"wants four whole numbers x,y,w,h (pixels), got '{value}'") from None
+
+
+def _stack_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stack", action="store_true",
+                   help="fold near-duplicates into one hit with a count (groups from clipsearch duplicates; a small "
+                        "library is grouped on first use)")
+
+
 def _search_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("query", help="text, or a combined query: '\"2:dog\" + ./beach.jpg - \"snow\"' (#42 is photo 42)")
+    p.add_argument("query", help="text, a combined query ('\"2:dog\" + ./beach.jpg - \"snow\"', #42 is photo 42), "
+                                 "or words in the photos: 'text:\"invoice 2024\"' (after index --ocr)")
+    _stack_arg(p)
     add_ranking(p)
 
 
 @command("search", "text→image search (combined queries: '\"2:dog\" + ./beach.jpg - \"snow\"')", arguments=_search_args,
-         examples=('clipsearch search "dog on a beach at sunset"',
-                   'clipsearch search "birthday cake" --after 2023-01-01 --folder ~/Pictures/family -k 50',
+         examples=('clipsearch search "dog on a beach at sunset" --stack',
+                   'clipsearch search \'text:"invoice 2024"\' --after 2023-01-01 -k 50',
                    "clipsearch search '\"red car\" - \"night\"' --strong --json"))
 def cmd_search(args: argparse.Namespace) -> int:
-    """Text (or combined) query → photos."""
-    page = service_for(args).search(args.query, args.k, args.offset, filters_from(args), args.strong, args.sort)
+    """Text (or combined, or text-in-photo) query → photos."""
+    extra = {"stack": True} if args.stack else {}  # only when asked: a server that lacks it is then skipped
+    page = service_for(args).search(args.query, args.k, args.offset, filters_from(args), args.strong, args.sort,
+                                    **extra)
     _print_page(args, page)
     return 0
 
 
 def _similar_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", help="an image file, or the id of an indexed photo")
+    p.add_argument("--box", type=_box, metavar="X,Y,W,H",
+                   help="search with this region only: pixels of the upright photo (x, y of the top-left corner)")
+    _stack_arg(p)
     add_ranking(p)
 
 
-@command("similar", "photos similar to an image file or an indexed photo id", arguments=_similar_args,
-         examples=("clipsearch similar ~/Downloads/beach.jpg", "clipsearch similar 42 -k 10 --sort date"))
+@command("similar", "photos similar to an image file or an indexed photo id (or a region of it)",
+         arguments=_similar_args,
+         examples=("clipsearch similar ~/Downloads/beach.jpg", "clipsearch similar 42 -k 10 --sort date",
+                   "clipsearch similar 42 --box 120,80,200,150 --stack"))
 def cmd_similar(args: argparse.Namespace) -> int:
-    """Image file or photo id → similar photos."""
+    """Image file or photo id (or a box of it) → similar photos."""
+    extra: dict[str, Any] = {"box": args.box} if args.box is not None else {}
+    if args.stack:
+        extra["stack"] = True
     page = service_for(args).similar(_ref(args.image), args.k, args.offset, filters_from(args), args.strong,
-                                     args.sort)
+                                     args.sort, **extra)
     _print_page(args, page)
     return 0
 
@@ -204,3 +267,53 @@ def cmd_texts(args: argparse.Namespace) -> int:
     n = service_for(args, need_photos=False).add_texts(args.file, args.name)
     out(args, {"collection": args.name, "texts": n}, f"added {n} texts as collection '{args.name}'")
     return 0
+
+
+def _ocr_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--retry-failed", action="store_true", help="read again the photos whose OCR failed or timed out")
+    p.add_argument("--workers", type=non_negative, default=None, metavar="N",
+                   help="OCR processes; 0 reads in this process (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@command("ocr", "read the text in indexed photos (signs, receipts, screenshots) for search 'text:\"...\"'",
+         arguments=_ocr_args, graceful_stop=True,
+         examples=("clipsearch ocr", "clipsearch ocr --retry-failed --json"))
+def cmd_ocr(args: argparse.Namespace) -> int:
+    """Read the photos that have no text yet for their content (a writer: it holds the library's writer lock)."""
+    from clipsearch.indexer.ingest.cores import usable_cores
+    from clipsearch.indexer.ingest.ocr import require_engine
+    from clipsearch.indexer.lock import hold_writer_lock
+    from clipsearch.indexer.stop import stop_requested
+    from clipsearch.search.ocr_search import ocr_library
+
+    require_engine()  # before any work: a missing extra is one line naming it
+    config = config_from(args)
+    require_indexed(config)
+    parts = open_library(config)
+    workers = usable_cores() if args.workers is None else args.workers
+    bar = None if args.no_progress or args.json else _bar()
+    try:
+        with hold_writer_lock(config.home, config.db_url):
+            report = ocr_library(parts.catalog, args.retry_failed, workers, should_stop=stop_requested,
+                                 on_progress=bar and (lambda done, total: _advance(bar, done, total)))
+    finally:
+        if bar is not None:
+            bar.close()
+        parts.catalog.dispose()
+    lines = [report.summary()]
+    if report.interrupted:
+        lines.append("stopped on request after a stored part; re-run to read the rest")
+    out(args, report.as_dict(), "\n".join(lines))
+    return 130 if report.interrupted else 0
+
+
+def _bar() -> Any:
+    from tqdm import tqdm
+
+    return tqdm(unit="img", desc="reading text", dynamic_ncols=True, smoothing=0.1)
+
+
+def _advance(bar: Any, done: int, total: int) -> None:
+    bar.total = total
+    bar.update(done - bar.n)

@@ -83,8 +83,14 @@ def _rank(k: int = Query(20, ge=1, le=MAX_K, description="hits per page"),
           after: str | None = Query(None, description="only photos dated on/after (ISO date)"),
           before: str | None = Query(None, description="only photos dated before (ISO date)"),
           tag: list[str] = Query([], description="only photos with this tag (repeatable)"),
-          format: list[str] = Query([], description="only this file type, e.g. JPEG (repeatable)")) -> io.Rank:
-    return io.Rank(k, offset, strong, sort, io.photo_filter(folder, after, before, tag, format))
+          format: list[str] = Query([], description="only this file type, e.g. JPEG (repeatable)"),
+          stack: bool = Query(False, description="fold near-duplicates into one hit with a `stack` count")) -> io.Rank:
+    return io.Rank(k, offset, strong, sort, io.photo_filter(folder, after, before, tag, format), stack)
+
+
+def _box(box: str | None = Query(None, max_length=100, description="search with this region only: x,y,w,h in "
+                                                                    "the photo's upright pixels")) -> str | None:
+    return box
 
 
 @api.get("/health", summary="Who this server is (the CLI's discovery check)")
@@ -106,25 +112,29 @@ def status(request: Request) -> Response:
 @api.get("/search", summary="Text→image search (as `clipsearch search --json`)")
 def search(request: Request, q: str = Query(..., min_length=1, max_length=2000, description="query text"),
            rank: io.Rank = Depends(_rank)) -> Response:
-    """Combined syntax works with quoted texts and #ID terms; image terms must be uploads (POST /api/similar)."""
-    return io.page_response(_svc(request).search(q, rank.k, rank.offset, rank.filters, rank.strong, rank.sort))
+    """Combined syntax works with quoted texts and #ID terms; image terms must be uploads (POST /api/similar).
+    `text:"words"` finds words in the photos (after OCR); hits matched through their text carry `ocr`."""
+    return io.page_response(_svc(request).search(q, rank.k, rank.offset, rank.filters, rank.strong, rank.sort,
+                                                 stack=rank.stack))
 
 
 @api.get("/similar/{photo_id}", summary="Photos like an indexed photo (as `clipsearch similar ID --json`)")
-def similar_id(request: Request, photo_id: int, rank: io.Rank = Depends(_rank)) -> Response:
-    """The photo itself is left out."""
+def similar_id(request: Request, photo_id: int, rank: io.Rank = Depends(_rank),
+               box: str | None = Depends(_box)) -> Response:
+    """The photo itself is left out; `box` searches with a region of it."""
     return io.page_response(_svc(request).similar(photo_id, rank.k, rank.offset, rank.filters, rank.strong,
-                                                  rank.sort))
+                                                  rank.sort, box=box, stack=rank.stack))
 
 
 @api.post("/similar", summary="Photos like an uploaded image (multipart field `image`) or a photo id",
           openapi_extra=io.body_doc(io.SimilarBody, "image", many=False))
-async def similar_upload(request: Request, rank: io.Rank = Depends(_rank)) -> Response:
-    """Ranking options are query parameters, as for GET /api/similar/{id}."""
+async def similar_upload(request: Request, rank: io.Rank = Depends(_rank),
+                         box: str | None = Depends(_box)) -> Response:
+    """Ranking options (and `box`) are query parameters, as for GET /api/similar/{id}."""
     _body, refs = await io.read_body(request, io.SimilarBody, "image")
     ref = io.one_ref(refs, "similar")
-    page = await run_in_threadpool(_svc(request).similar, ref, rank.k, rank.offset, rank.filters, rank.strong,
-                                   rank.sort)
+    page = await run_in_threadpool(partial(_svc(request).similar, box=box, stack=rank.stack), ref, rank.k,
+                                   rank.offset, rank.filters, rank.strong, rank.sort)
     return io.page_response(page)
 
 

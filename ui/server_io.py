@@ -323,6 +323,7 @@ class Rank:
     strong: bool
     sort: str
     filters: PhotoFilter
+    stack: bool = False  # fold near-duplicates into one hit with a count (search/stacks.py)
 
 
 def _date(value: str | None, name: str) -> datetime | None:

@@ -26,6 +26,35 @@ def _service(cfg: Any) -> Any:
     return build_service(cfg, SearchOptions(allow_files=False))
 
 
+CAPTIONER = "demo"  # the caption model the lightbox offers: the bundled one, for libraries indexed with the demo model
+ANSWERER = "demo"  # the question model the lightbox offers, likewise
+
+
+@st.cache_resource(show_spinner="Loading the caption model…")
+def _captioner(spec: str, space_key: str, _encoder: Any) -> Any:
+    from clipsearch.search.captions import load_captioner
+
+    return load_captioner(spec, _encoder)
+
+
+@st.cache_resource(show_spinner="Loading the question model…")
+def _answerer(spec: str, space_key: str, _encoder: Any) -> Any:
+    from clipsearch.search.questions import load_answerer
+
+    return load_answerer(spec, _encoder)
+
+
+def captioner(svc: Any) -> Any:
+    """The caption model for the service's embedding space, loaded once per process and space (its weights are
+    read-only, so every session shares it). A model it cannot read is a one-line error, retried on the next ask."""
+    return _captioner(CAPTIONER, svc.encoder.space.key, svc.encoder)
+
+
+def answerer(svc: Any) -> Any:
+    """The question model for the service's embedding space, loaded once per process and space (as captioner)."""
+    return _answerer(ANSWERER, svc.encoder.space.key, svc.encoder)
+
+
 def config() -> Any:
     """AppConfig of this UI process, from the environment `clipsearch ui` set (load_config, as everywhere)."""
     from clipsearch.indexer.config import load_config

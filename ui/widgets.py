@@ -1,5 +1,5 @@
-"""Rendering shared by pages: the result grid with "more like this" and "describe" on every hit, and the labels
-input (a text box or an uploaded file: never a path on the server)."""
+"""Rendering shared by pages: the result grid with "open" (the lightbox, ui/lightbox.py) and "more like this" on
+every hit, and the labels input (a text box or an uploaded file: never a path on the server)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from typing import Any
 
 import streamlit as st
 
+from .lightbox import LightboxContext, open_lightbox, show_lightbox, show_similar
+from .markup import highlight_markdown, snippet
 from .state import LABEL_FILE_TYPES, show_error
 
 
@@ -65,56 +67,43 @@ def counts_line(page: Any) -> str:
             f"{'match' if page.counts['possible'] == 1 else 'matches'}")
 
 
-def result_grid(svc: Any, page: Any, key: str, columns: int = 4) -> None:
-    """Thumbnails with rank, file name, relevance badge, score and date; "Open" shows the lightbox, "More like
-    this" sets per-user state for the next run."""
+STACK_BADGE = ":violet-badge[:material/layers: +{n} near-{word}]"
+
+
+def result_grid(svc: Any, page: Any, key: str, columns: int = 4, query: str | None = None,
+                on_search_page: bool = False) -> None:
+    """Thumbnails with rank, file name, relevance badge, score and date (plus a stack badge and the words of the
+    query read in the photo, when the hit has them); "Open" shows the lightbox, "More like this" sets per-user state
+    for the next run. `query`: the text query of these results, for the lightbox's "why did it match"."""
     if not page.hits:
         st.info("No matches." if page.counts is None else "No strong matches: turn off \"Strong matches only\" "
                 "to see the closest photos.")
-        return
-    cols = st.columns(columns)
+    cols = st.columns(columns) if page.hits else []
     for n, hit in enumerate(page.hits):
         with cols[n % columns]:
-            try:
-                st.image(svc.thumbnail(hit.id), width="stretch")
-            except Exception as e:  # a photo that vanished since indexing: show why, keep the grid
-                show_error(e)
-            date = hit.date.strftime("%Y-%m-%d") if hit.date else "no date"
-            badge = BADGES.get(hit.relevance or "", "")
-            st.markdown(f"**{hit.rank}.** {badge}")
-            st.caption(f"{os.path.basename(hit.path)} · score {hit.score:.3f} · {date}")
-            a, b = st.columns(2)
-            if a.button("Open", key=f"{key}-open-{hit.id}", icon=":material/open_in_full:"):
-                lightbox(svc, hit.id)
-            if b.button("More like this", key=f"{key}-more-{hit.id}"):
-                st.session_state["similar_to"] = hit.id
-                st.session_state["offset"] = 0
-                st.rerun()
+            _card(svc, hit, key, query, on_search_page)
+    show_lightbox(svc, key)
 
 
-@st.dialog("Photo", width="large")
-def lightbox(svc: Any, photo_id: int) -> None:
-    """The photo large, its metadata and tags, photos like it, and a ranking of the user's own labels."""
+def _card(svc: Any, hit: Any, key: str, query: str | None, on_search_page: bool) -> None:
+    """One result: its thumbnail, what it is, and its buttons; the hit travels into the lightbox's context."""
     try:
-        info = svc.photo_info(photo_id)
-        left, right = st.columns([3, 2])
-        left.image(svc.thumbnail(photo_id, 1600), width="content")  # its own size, up to the column's width
-        size = f"{info.width} × {info.height}" if info.width else "unknown size"
-        with right:
-            st.markdown(f"**{os.path.basename(info.path)}**  \n{size} · {info.format or '?'} · "
-                        f"{info.date.strftime('%Y-%m-%d %H:%M') if info.date else 'no date'}")
-            st.caption(f"#{info.id} · {info.path}")
-            st.write("Tags: " + (", ".join(info.tags) if info.tags else "none"))
-            labels = st.text_input("Describe with my labels", ", ".join(svc.default_labels()), key="lb-labels")
-            if labels.strip():
-                ranked = svc.describe(photo_id, labels=labels, k=10)
-                st.bar_chart({"label": [r.label for r in ranked], "similarity": [r.score for r in ranked]},
-                             x="label", y="similarity", x_label="label", y_label="similarity to the photo",
-                             horizontal=True, height=40 + 28 * len(ranked))
-        st.markdown("**Photos like this**")
-        similar = svc.similar(photo_id, 4)
-        for col, hit in zip(st.columns(4), similar.hits, strict=False):
-            col.image(svc.thumbnail(hit.id), width="stretch")
-            col.caption(f"{os.path.basename(hit.path)} · {hit.score:.3f}")
-    except Exception as e:
+        st.image(svc.thumbnail(hit.id), width="stretch")
+    except Exception as e:  # a photo that vanished since indexing: show why, keep the grid
         show_error(e)
+    date = hit.date.strftime("%Y-%m-%d") if hit.date else "no date"
+    badges = [BADGES.get(hit.relevance or "", "")]
+    folded = hit.stack.count - 1 if hit.stack is not None else 0
+    if folded > 0:
+        badges.append(STACK_BADGE.format(n=folded, word="duplicate" if folded == 1 else "duplicates"))
+    st.markdown(" ".join([f"**{hit.rank}.**", *[b for b in badges if b]]))
+    st.caption(f"{os.path.basename(hit.path)} · score {hit.score:.3f} · {date}")
+    if hit.ocr is not None and hit.ocr.text.strip():
+        line, spans = snippet(hit.ocr.text, hit.ocr.spans)
+        st.markdown(":material/text_fields: " + highlight_markdown(line, spans))
+    a, b = st.columns(2)
+    if a.button("Open", key=f"{key}-open-{hit.id}", icon=":material/open_in_full:"):
+        stack = tuple(hit.stack.ids[1:]) if hit.stack is not None else ()
+        open_lightbox(LightboxContext(hit.id, key, query, hit.ocr, stack, on_search_page))
+    if b.button("More like this", key=f"{key}-more-{hit.id}"):
+        show_similar(hit.id, None, on_search_page)

@@ -5,12 +5,24 @@ A photo whose OCR fails keeps everything else (its CLIP vector was written by th
 result with a status and a reason, never an exception out of `read_file`. Photos are read through the same safe
 decoder as indexing (EXIF orientation, bomb limit) and reduced to `max_side` first: text small enough to vanish
 there is too small to matter for search, and the cost of detection grows with the pixel count.
+
+Many photos are read by `read_many`: in spawned worker processes, one engine (one ONNX thread) per worker, a few
+photos per task. OCR costs far more per photo than embedding (bench/RESULTS.md, issue 17), so it never runs serially
+after the model: `clipsearch index --ocr` runs this pool as its own stage once the run's photos are committed, and
+`clipsearch ocr` runs it over the whole library. A worker that dies (out of memory, a native crash) costs the
+photos of its task a `failed` result with that reason; the pass goes on in a fresh pool.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import multiprocessing as mp
+import signal
 import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +65,12 @@ class OcrResult:
 def available() -> bool:
     """Whether the OCR engine is installed (checked without importing it)."""
     return importlib.util.find_spec("rapidocr_onnxruntime") is not None
+
+
+def require_engine() -> None:
+    """A one-line UsageError naming the extra to install, before any work, when the engine is missing."""
+    if not available():
+        raise UsageError(INSTALL_HINT)
 
 
 class OcrEngine:
@@ -114,3 +132,79 @@ class OcrEngine:
         except OSError as e:
             return OcrResult("failed", reason=f"unreadable: {e.strerror or e}")
         return self.read_bytes(data, max_pixels)
+
+
+# --- many photos: a pool of worker processes ---------------------------------------------------------------------
+_POOL: dict[str, OcrEngine] = {}
+WORKER_DIED = "the OCR worker process died while reading it (out of memory?); retry with clipsearch ocr --retry-failed"
+
+
+def _init_pool_worker(options: dict[str, Any]) -> None:
+    """Per worker: die with the parent, leave Ctrl-C to it (as the decode workers do), one engine."""
+    from clipsearch.indexer.ingest.workers import die_with_parent
+
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    _POOL["engine"] = OcrEngine(**options)
+
+
+def _read_task(items: list[tuple[int, bytes]]) -> dict[int, OcrResult]:
+    engine = _POOL["engine"]
+    return {pid: engine.read_file(path) for pid, path in items}
+
+
+def read_many(items: Sequence[tuple[int, bytes]], workers: int = 1, chunk: int = 8, engine: OcrEngine | None = None,
+              **options: Any) -> Iterator[dict[int, OcrResult]]:
+    """OCR (photo id, raw path) pairs; yields {id: result} a task at a time, in order, so that a caller can store
+    each part as it comes (an interrupted pass keeps its work). `workers` <= 1 reads in this process (with `engine`
+    when given); otherwise spawned workers each build an engine from `options` (one ONNX thread unless `threads`
+    says otherwise). Tasks are small enough that every worker gets some even for a handful of photos."""
+    if not items:
+        return
+    if workers <= 1 or len(items) < 2:
+        engine = engine or OcrEngine(**options)
+        for start in range(0, len(items), chunk):
+            yield {pid: engine.read_file(path) for pid, path in items[start : start + chunk]}
+        return
+    require_engine()
+    size = max(1, min(chunk, -(-len(items) // (workers * 2))))
+    tasks = deque(list(items[start : start + size]) for start in range(0, len(items), size))
+    yield from _pooled(tasks, min(workers, len(tasks)), {"threads": 1, **options})
+
+
+def _pooled(tasks: deque[list[tuple[int, bytes]]], workers: int,
+            options: dict[str, Any]) -> Iterator[dict[int, OcrResult]]:
+    """Run tasks in a pool, starting a fresh pool when one breaks (its task's photos fail with the reason; a pool
+    that breaks before reading anything, e.g. an engine that cannot load, fails every remaining photo at once)."""
+    from clipsearch.indexer.ingest.workers import sigint_held_off
+
+    while tasks:
+        pool = ProcessPoolExecutor(workers, mp.get_context("spawn"), _init_pool_worker, (options,))
+        pending: deque[tuple[list[tuple[int, bytes]], Future]] = deque()
+        read_any = False
+        try:
+            while tasks or pending:
+                while tasks and len(pending) < 2 * workers:
+                    part = tasks.popleft()
+                    with sigint_held_off():  # a Ctrl-C while a worker starts must not break the pool
+                        pending.append((part, pool.submit(_read_task, part)))
+                part, fut = pending.popleft()
+                try:
+                    result = fut.result()
+                except BrokenProcessPool:
+                    rest = [p for p, _ in pending]
+                    pending.clear()
+                    if read_any:  # this task's photos fail; the others are read again in a fresh pool
+                        lost = [part]
+                        tasks.extendleft(reversed(rest))
+                    else:
+                        lost = [part, *rest, *tasks]
+                        tasks.clear()
+                    yield {pid: OcrResult("failed", reason=WORKER_DIED) for p in lost for pid, _ in p}
+                    break
+                read_any = True
+                yield result
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)

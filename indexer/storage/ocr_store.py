@@ -9,10 +9,13 @@ it has no text. The full-text side uses the 'simple' configuration (PostgreSQL) 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
     Column,
@@ -24,8 +27,12 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    and_,
     delete,
+    false,
     insert,
+    inspect,
+    or_,
     select,
     text,
 )
@@ -33,11 +40,12 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from clipsearch.indexer.errors import CatalogError
-from clipsearch.indexer.ingest.ocr import OcrResult
+from clipsearch.indexer.ingest.ocr import ENGINE, OcrEngine, OcrResult, read_many
 from clipsearch.indexer.status import PhotoStatus
 from clipsearch.indexer.storage.catalog import Catalog
 from clipsearch.indexer.storage.schema import photos
 
+log = logging.getLogger(__name__)
 _metadata = MetaData()
 ocr_texts = Table(
     "ocr_texts",
@@ -78,6 +86,12 @@ def one_edit(word: str) -> list[str]:
     return sorted(out)
 
 
+def has_texts(catalog: Catalog) -> bool:
+    """Whether OCR ever ran on this catalog (its table exists), checked without creating anything: a search on a
+    library without OCR never touches (or adds) the OCR tables."""
+    return inspect(catalog.engine).has_table("ocr_texts")
+
+
 class OcrStore:
     """Writes OCR results and answers full-text queries over them."""
 
@@ -104,8 +118,9 @@ class OcrStore:
                                  "(to_tsvector('simple', text)) STORED")
             conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_ocr_texts_tsv ON ocr_texts USING GIN (tsv)")
 
-    def photos_needing(self, retry_failed: bool = False) -> list[tuple[int, bytes]]:
-        """(id, raw path) of indexed photos not read for their current content (and failed ones, when asked)."""
+    def photos_needing(self, retry_failed: bool = False, under: list[bytes] | None = None) -> list[tuple[int, bytes]]:
+        """(id, raw path) of indexed photos not read for their current content (and failed ones, when asked);
+        `under` (folders as bytes) limits them to those trees (`index PATH --ocr` reads the photos under PATH)."""
         q = (select(photos.c.id, photos.c.path_bytes)
              .outerjoin(ocr_texts, ocr_texts.c.photo_id == photos.c.id)
              .where(photos.c.status == PhotoStatus.INDEXED)
@@ -113,6 +128,10 @@ class OcrStore:
                     | ocr_texts.c.content_hash.is_distinct_from(photos.c.content_hash)
                     | ((ocr_texts.c.status != "ok") if retry_failed else False))
              .order_by(photos.c.id))
+        if under is not None:  # b"/a/b/" <= path < b"/a/b0": the tree, by range scans (as Catalog.known_files)
+            tops = [d.rstrip(b"/") + b"/" for d in under]
+            q = q.where(or_(false(), *(and_(photos.c.path_bytes >= t, photos.c.path_bytes < t[:-1] + b"0")
+                                       for t in tops)))
         with self.catalog.engine.connect() as conn:
             return [(int(i), bytes(p)) for i, p in conn.execute(q)]
 
@@ -139,19 +158,23 @@ class OcrStore:
                 for start in range(0, len(ids), 500):
                     chunk = ids[start : start + 500]
                     conn.execute(text(f"DELETE FROM ocr_fts WHERE photo_id IN ({','.join(map(str, chunk))})"))
-                conn.execute(text("INSERT INTO ocr_fts (text, photo_id) VALUES (:t, :p)"),
-                             [{"t": r["text"], "p": r["photo_id"]} for r in rows if r["text"]])
+                found = [{"t": r["text"], "p": r["photo_id"]} for r in rows if r["text"]]
+                if found:  # an empty list would be one execution without parameters
+                    conn.execute(text("INSERT INTO ocr_fts (text, photo_id) VALUES (:t, :p)"), found)
 
     def search(self, query: str, k: int = 20, phrase: bool = True, fuzzy: bool = True,
                photo_ids: Iterable[int] | None = None) -> list[tuple[int, float]]:
         """(photo id, score) of photos whose text matches the query's words, best first. `phrase`: the words in
-        that order, next to each other; else all of them anywhere. When nothing matches exactly and `fuzzy`, words
-        of FUZZY_MIN_LEN or more letters also match one misread character away (all words must match; order is
-        not checked then). Scores are positive, higher is better; `photo_ids` filters the top k afterwards."""
+        that order, next to each other (or written as one word: a space OCR missed); else all of them anywhere.
+        When nothing matches exactly and `fuzzy`, words of FUZZY_MIN_LEN or more letters also match one misread
+        character away (all words must match; order is not checked then). Scores are positive, higher is better;
+        `photo_ids` filters the top k afterwards."""
         terms = words(query)
         if not terms:
             return []
         found = self._match([[t] for t in terms], k, phrase)
+        if not found and phrase and len(terms) > 1:  # OCR often drops the space between words: "INVOICE2024"
+            found = self._match([["".join(terms)]], k, phrase)
         if not found and fuzzy and any(len(t) >= FUZZY_MIN_LEN for t in terms):
             found = self._match([one_edit(t) if len(t) >= FUZZY_MIN_LEN else [t] for t in terms], k, False)
         if photo_ids is not None:
@@ -196,3 +219,65 @@ class OcrStore:
              .join(photos, photos.c.id == ocr_texts.c.photo_id).where(ocr_texts.c.status != "ok").limit(limit))
         with self.catalog.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
+
+
+@dataclass
+class OcrReport:
+    """What an OCR pass did: photos read, how many had text, and the failures (their CLIP vectors are untouched)."""
+
+    statuses: dict[str, int] = field(default_factory=dict)  # ok | failed | timeout -> photos
+    with_text: int = 0  # ok or timed-out photos in which some text was found
+    failures: list[dict[str, Any]] = field(default_factory=list)  # {id, status, reason}, the first 1000
+    seconds: float = 0.0
+    interrupted: bool = False  # a stop was requested: the pass ended after a stored part; re-run to resume
+
+    @property
+    def read(self) -> int:
+        """Photos looked at."""
+        return sum(self.statuses.values())
+
+    def summary(self) -> str:
+        """One line for people: read, with text, failed, and the first failure's reason."""
+        d = self.as_dict()
+        line = f"text: read {d['read']} photos, {d['with_text']} with text, {d['failed']} failed in {d['seconds']:.1f}s"
+        if self.failures:
+            first = self.failures[0]
+            line += f" (#{first['id']}: {first['reason']}; clipsearch ocr --retry-failed reads them again)"
+        return line
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (what `clipsearch ocr --json` prints, and `index --ocr --json` under "ocr")."""
+        failed = self.statuses.get("failed", 0) + self.statuses.get("timeout", 0)
+        return {"read": self.read, "with_text": self.with_text, "failed": failed, "statuses": dict(self.statuses),
+                "failures": self.failures, "seconds": round(self.seconds, 3), "interrupted": self.interrupted}
+
+
+def read_and_store(catalog: Catalog, todo: list[tuple[int, bytes]], workers: int = 1,
+                   engine: OcrEngine | None = None, on_progress: Callable[[int, int], None] | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> OcrReport:
+    """OCR (id, path) pairs through `read_many` (worker processes when workers > 1) and store each part as it
+    comes; `should_stop()` is asked between parts. The one loop behind `index --ocr` and `clipsearch ocr`."""
+    t0 = time.perf_counter()
+    store, report, done = OcrStore(catalog), OcrReport(), 0
+    parts = read_many(todo, workers, engine=engine)
+    try:
+        for results in parts:
+            store.put(results, ENGINE)
+            for pid, r in results.items():
+                report.statuses[r.status] = report.statuses.get(r.status, 0) + 1
+                report.with_text += bool(r.lines)
+                if r.status != "ok" and len(report.failures) < 1000:
+                    report.failures.append({"id": pid, "status": r.status, "reason": r.reason})
+            done += len(results)
+            if on_progress:
+                on_progress(done, len(todo))
+            if should_stop is not None and done < len(todo) and should_stop():
+                report.interrupted = True
+                break
+    finally:
+        parts.close()  # ends the workers now
+    report.seconds = time.perf_counter() - t0
+    if report.failures:
+        log.warning("OCR failed on %d photos (their CLIP vectors are unaffected): %s", len(report.failures),
+                    report.failures[0]["reason"])
+    return report

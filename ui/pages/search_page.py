@@ -1,5 +1,6 @@
-"""Search page: a text query (or an example chip), filters, strong-only, sort and pages; each result shows its rank
-and calibrated relevance (strong / possible / weak), and opens in a lightbox."""
+"""Search page: a text query (or an example chip), filters, strong-only, sort, near-duplicate stacks and pages; each
+result shows its rank and calibrated relevance (strong / possible / weak), and opens in a lightbox. Photos like a
+photo (or like a region of it, from the lightbox) are shown here too."""
 
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ try:
         strong = st.toggle("Strong matches only", key="f_strong",
                            help="Photos the model is confident about: the query beats its own contradictions.")
         sort = st.radio("Sort by", ["relevance", "date"], key="f_sort", horizontal=True)
+        stack = st.toggle("Stack near-duplicates", key="f_stack",
+                          help="Show resized, recompressed or edited copies of a photo as one result, with a badge "
+                               "saying how many copies it stands for.")
         per_page = st.select_slider("Per page", [8, 12, 20, 40], value=12, key="f_k")
     try:
         examples = svc.example_queries()
@@ -45,6 +49,7 @@ try:
     if st.session_state.get("last_query") != query:
         st.session_state["offset"], st.session_state["last_query"] = 0, query
         st.session_state.pop("similar_to", None)
+        st.session_state.pop("similar_box", None)
 
     from clipsearch.indexer.storage.filters import PhotoFilter
 
@@ -52,16 +57,20 @@ try:
                       before=datetime.combine(before, time.max) if before else None, tags=tuple(tags))
     offset = st.session_state["offset"]
     similar_to = st.session_state.get("similar_to")
+    box = st.session_state.get("similar_box")
     page = None
     if similar_to is not None:
         c1, c2 = st.columns([4, 1])
-        c1.subheader(f"Photos like #{similar_to}")
+        c1.subheader(f"Photos like this region of #{similar_to}" if box else f"Photos like #{similar_to}")
+        if box:
+            c1.caption("region x, y, width, height: {}, {}, {}, {} pixels".format(*box))
         if c2.button("Back to query", key="clear-similar"):
             st.session_state.pop("similar_to", None)
+            st.session_state.pop("similar_box", None)
             st.rerun()
-        page = svc.similar(int(similar_to), per_page, offset, flt, strong, sort)
+        page = svc.similar(int(similar_to), per_page, offset, flt, strong, sort, box=box, stack=stack)
     elif query.strip():
-        page = svc.search(query, per_page, offset, flt, strong, sort)
+        page = svc.search(query, per_page, offset, flt, strong, sort, stack=stack)
     elif st.session_state.get("last_query") is not None and query != "" and not query.strip():
         st.warning("The query is empty: type what the photos you want show.")
     if page is not None:
@@ -69,8 +78,8 @@ try:
             st.warning(page.note)
         summary = counts_line(page)
         if summary:
-            st.markdown(f"{summary} · sorted by {sort}")
-        result_grid(svc, page, "s")
+            st.markdown(f"{summary} · sorted by {sort}" + (" · near-duplicates stacked" if stack else ""))
+        result_grid(svc, page, "s", query=None if similar_to is not None else query, on_search_page=True)
         prev, info, nxt = st.columns([1, 2, 1])
         if prev.button("Previous", disabled=offset == 0, key="prev", icon=":material/chevron_left:"):
             st.session_state["offset"] = max(0, offset - per_page)
