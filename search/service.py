@@ -54,12 +54,12 @@ class SearchService:
     """Text→image, image→image, image→text, zero-shot classification and tagging (tagging in tagging.py)."""
 
     def __init__(self, catalog: Catalog, store: VectorStore, encoder: Any, cache_dir: Path | None = None,
-                 options: SearchOptions = SearchOptions()) -> None:
+                 options: SearchOptions = SearchOptions(), label_cache: Path | None = None) -> None:
         self.catalog, self.store, self.encoder, self.options = catalog, store, encoder, options
         self.cache_dir = cache_dir
         self.tags = TagStore(catalog)
         self.texts = TextCollections(catalog)
-        self.label_vectors = LabelVectors(encoder, cache_dir)
+        self.label_vectors = LabelVectors(encoder, label_cache or cache_dir)  # label files depend on the model only
         self.relevance = Relevance(encoder, vocab_for(encoder), self.label_vectors)
         self.captions = ImageToText(encoder, self.texts, self.label_vectors)
         self.tagger = Tagger(encoder, catalog, store, self.tags, self.label_vectors, self.space, self.relevance)
@@ -389,7 +389,8 @@ class SearchService:
 def build_service(config: Any, options: SearchOptions | None = None) -> SearchService:
     """Wire the real catalog, store and encoder for a config (the CLI, the UI and the API all call this)."""
     from clipsearch.indexer.app import build_encoder, open_parts
+    from clipsearch.indexer.model.onnx_cache import labels_root
 
-    parts = open_parts(config)
+    parts = open_parts(config)  # label embeddings are shared by every library on the machine (labels_root)
     return SearchService(parts.catalog, parts.store, build_encoder(config, parts.catalog), cache_dir=config.cache_dir,
-                         options=options or SearchOptions())
+                         options=options or SearchOptions(), label_cache=labels_root(config.model_cache))

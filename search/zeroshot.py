@@ -154,9 +154,16 @@ class LabelVectors:
         self.encoder, self.cache_dir = encoder, cache_dir
         self._cache: dict[str, np.ndarray] = {}
 
+    def _key(self, names: list[str], templates: list[str] | None) -> str:
+        return hashlib.sha1(repr((self.encoder.space.key, names, templates)).encode()).hexdigest()
+
+    def on_disk(self, names: list[str], templates: list[str] | None) -> bool:
+        """Whether this label set's embeddings are already in the disk cache."""
+        return bool(self.cache_dir) and (self.cache_dir / f"labels-{self._key(names, templates)}.npy").is_file()
+
     def __call__(self, names: list[str], templates: list[str] | None) -> np.ndarray:
         """(len(names), D) embeddings, prompt-ensembled when templates are given."""
-        key = hashlib.sha1(repr((self.encoder.space.key, names, templates)).encode()).hexdigest()
+        key = self._key(names, templates)
         if key in self._cache:
             return self._cache[key]
         path = self.cache_dir / f"labels-{key}.npy" if self.cache_dir else None

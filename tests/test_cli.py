@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +26,8 @@ def test_index_status_search_reindex_json(library, tmp_path) -> None:
     r = run("index", str(library), "--model", TINY, "--json", home=home)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["indexed"] == 8
+    labels = Path(os.environ["CLIPSEARCH_MODEL_CACHE"]) / "labels"  # the vocabulary, embedded while the model was up
+    assert len(list(labels.glob("labels-*.npy"))) >= 1  # so the first query of any library does not embed it
     st = json.loads(run("status", "--json", home=home).stdout)
     assert {k: st[k] for k in ("indexed", "failed", "unsupported", "empty")} == {
         "indexed": 8, "failed": 0, "unsupported": 0, "empty": 0}

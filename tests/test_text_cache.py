@@ -35,3 +35,30 @@ def test_related_queries_share_their_contrasts(tiny_encoder: Any) -> None:
     assert rel.text_vectors.encoded == n + 3  # a blue cat, a green cat, a red dog: "a red car" is shared
     again = rel.probabilities(rel.plan("a red dog"), qvec, photos)
     assert rel.text_vectors.encoded == n + 3 and np.array_equal(first, again)
+
+
+def test_a_large_group_is_embedded_once_whichever_entry_a_query_names(tiny_encoder: Any) -> None:
+    """The alternatives of "a red dog" and "a red cat" come from one embedding of the whole group (it was once
+    re-embedded for every entry a query named: ~6 s per new word with a 1,000-entry vocabulary)."""
+
+    class Counting:
+        def __init__(self) -> None:
+            self.texts = 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(tiny_encoder, name)
+
+        def encode_texts(self, texts: list[str]) -> np.ndarray:
+            self.texts += len(texts)
+            return tiny_encoder.encode_texts(texts)
+
+    enc = Counting()
+    things = [f"thing{i}" for i in range(40)]
+    vocab = parse_vocab("@alternatives 4\n[thing]\n" + "\n".join(things) + "\n")
+    rel = Relevance(enc, vocab, LabelVectors(enc))
+    photos = tiny_encoder.encode_texts(["x", "y", "z"])
+    rel.plan("a thing1", photos)
+    first = enc.texts
+    assert first == 40  # the group, once
+    plan = rel.plan("a thing7", photos)
+    assert enc.texts == first and len(plan.contrasts) == 4 and "a thing7" not in plan.contrasts

@@ -83,6 +83,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     finally:
         if executor is not None:
             executor.close()
+    _warm_vocabulary(config, indexer)
     lines = [f"indexed {report.indexed}, unchanged {report.unchanged}, moved {report.moved}, "
              f"reused {report.reused}, removed {report.removed}, failed {sum(report.failed.values())} "
              f"in {report.seconds:.1f}s ({report.images_per_second:.1f} images/s)"]
@@ -116,6 +117,18 @@ def _fraction_or_more(value: str) -> float:
     if not g > 0:
         raise argparse.ArgumentTypeError(f"expects a number of GPUs > 0, got '{value}'")
     return g
+
+
+def _warm_vocabulary(config: AppConfig, indexer: object) -> None:
+    """With the model loaded anyway (something was embedded here), embed its reference vocabulary into the shared
+    label cache, so that the first query does not (search/relevance.py warm_vocabulary)."""
+    encoder = indexer.encoder.loaded  # type: ignore[attr-defined]
+    if encoder is None:
+        return
+    from clipsearch.indexer.model.onnx_cache import labels_root
+    from clipsearch.search.relevance import warm_vocabulary
+
+    warm_vocabulary(encoder, labels_root(config.model_cache))
 
 
 def _ray_executor(args: argparse.Namespace, config: AppConfig, opts: IndexOptions):  # -> RayExecutor

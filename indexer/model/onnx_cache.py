@@ -97,6 +97,12 @@ def cache_root(model_cache: str | Path | None = None) -> Path:
     return Path(base).expanduser() / "onnx"
 
 
+def labels_root(model_cache: str | Path | None = None) -> Path:
+    """Where label and vocabulary embeddings are kept beside the exports (<model cache>/labels): they depend only
+    on the model, so every library on the machine shares them."""
+    return cache_root(model_cache).parent / "labels"
+
+
 def model_folder(spec: str) -> Path | None:
     """The model folder of a folder spec ('demo' included), else None (the torch encoder's `folder`)."""
     spec = spec.strip()
