@@ -12,10 +12,22 @@ the spec `ViT-B-32-256:none`) to the files rclip expects in its data dir (`RCLIP
 BPE vocabulary under `tokenizer/`, and the licence files it checks for (written as placeholders naming their
 origin). Both tools then embed with the same network; the script checks that their text vectors agree.
 
-Measured per folder (one of camera-size 4000x3000 JPEGs, one of small photos), in alternating rounds, medians:
-cold index of a new folder (fresh catalog/database, includes the first query for rclip, whose CLI indexes before it
-answers), re-run on the unchanged folder, a text query with no indexing (rclip `--no-indexing`; clipsearch
-`search` with no server), and each process's peak RSS.
+Measured per folder (one of camera-size 4000x3000 JPEGs, one of small photos), in rounds whose order of the two
+tools alternates (clipsearch first in odd rounds), medians: cold index of a new folder (fresh catalog/database,
+includes the first query for rclip, whose CLI indexes before it answers; clipsearch's first query is timed on its
+own), re-run on the unchanged folder, a text query with no indexing (rclip `--no-indexing`; clipsearch `search`
+with no server; `--queries` of each per round, alternating; `--new-queries` more per round, each naming an object
+the home was not asked about before: clipsearch's relevance step embeds a query's contrasts and alternatives once
+per home, in HOME/cache), and each process's peak RSS. The 1-minute load
+average is recorded before each round (the machine is shared).
+
+`--many N` adds a large folder of small photos (N JPEGs of `--many-size`, generated once into the workdir and
+kept): both tools index it once (untimed setup, its time is printed and kept in WORKDIR/many-setup.json; rclip's
+CLI runs a query after indexing), then each round times the unchanged re-run: `clipsearch index FOLDER` (no model
+is loaded when nothing changed) against rclip with indexing (its CLI walks the folder, looks every file up in its
+database, then loads the text model and answers the query: the pass cannot be run without a query) and rclip
+`--no-indexing` (the query alone), so rclip's own index check is the difference. `--many-model demo` indexes the
+large folder with the bundled demo model instead (faster setup; the re-run loads no model either way).
 """
 
 from __future__ import annotations
@@ -28,12 +40,17 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 RCLIP_SUBDIR = "ViT-B-32-256-datacomp_s34b_b86k"
 LEGAL = ("LICENSE", "OPENAI-CLIP-MIT.txt", "README.md", "THIRD_PARTY_NOTICES.md")
 SPEC = "ViT-B-32-256:none"
 QUERY = "a photo of a dog on a beach"
+# --new-queries: each names an object of the reference vocabulary that the home has not been asked about yet
+NEW_OBJECTS = ["cat", "horse", "bicycle", "pizza", "umbrella", "giraffe", "laptop", "boat", "clock", "zebra",
+               "elephant", "toaster", "banana", "sheep", "airplane", "train", "couch", "kite", "bench", "teddy bear"]
 
 
 def export_rclip_models(datadir: Path) -> None:
@@ -121,43 +138,136 @@ class Tools:
                 link.symlink_to(self.models / item)
         return {**os.environ, "RCLIP_DATADIR": str(state), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
 
-    def rclip(self, folder: Path, state: Path, index: bool) -> tuple[float, float]:
-        cmd = [self.args.rclip_python, "-m", "rclip", "-f", "-t", "5", QUERY] + ([] if index else ["--no-indexing"])
+    def rclip(self, folder: Path, state: Path, index: bool, query: str = QUERY) -> tuple[float, float]:
+        cmd = [self.args.rclip_python, "-m", "rclip", "-f", "-t", "5", query] + ([] if index else ["--no-indexing"])
         s, rss, _ = timed(cmd, self.rclip_env(state), cwd=folder)
         return s, rss
 
     def clipsearch(self, *argv: str, home: Path) -> tuple[float, float, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPSEARCH_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPSEARCH_")} | {"HF_HUB_OFFLINE": "1"}
         if self.args.backend:
             env["CLIPSEARCH_BACKEND"] = self.args.backend
         return timed([sys.executable, "-m", "clipsearch", *argv, "--home", str(home)], env)
 
 
-def run_folder(tools: Tools, name: str, folder: Path, rounds: int) -> dict[str, dict[str, float]]:
-    n = len(list(folder.glob("*.jpg")))
-    rows: dict[str, list[tuple[float, float]]] = {}
+def load() -> float:
+    """The 1-minute load average (what `uptime` shows first)."""
+    return round(os.getloadavg()[0], 2)
 
-    def add(key: str, value: tuple[float, float]) -> None:
-        rows.setdefault(key, []).append(value)
 
-    for r in range(rounds):
-        state, home = tools.work / f"rclip-state-{name}-{r}", tools.work / f"cs-home-{name}-{r}"
-        shutil.rmtree(state, ignore_errors=True)
-        shutil.rmtree(home, ignore_errors=True)
+def summarise(rows: dict[str, list[tuple[float, float]]]) -> dict[str, dict[str, Any]]:
+    return {k: {"seconds": statistics.median(v[0] for v in vs), "peak_rss_mb": max(v[1] for v in vs),
+                "rounds_s": [round(v[0], 3) for v in vs]} for k, vs in rows.items()}
+
+
+def cold_round(tools: Tools, folder: Path, state: Path, home: Path, first_tool: str, queries: int,
+               new: list[str], add: Callable[[str, tuple[float, float]], None]) -> None:
+    """One round on a new folder: cold index, unchanged re-run, `queries` cold queries of QUERY and one of each
+    query of `new`; each step by both tools, `first_tool` first."""
+
+    def rclip_cold() -> None:
         add("rclip cold index + first query", tools.rclip(folder, state, index=True))
+
+    def cs_cold() -> None:
         s, rss, _ = tools.clipsearch("index", str(folder), "--model", SPEC, "--no-progress", home=home)
         q, qrss, _ = tools.clipsearch("search", QUERY, "-k", "5", home=home)
         add("clipsearch cold index + first query", (s + q, max(rss, qrss)))
         add("clipsearch cold index", (s, rss))
+        add("clipsearch first query of a new home", (q, qrss))
+
+    def rclip_again() -> None:
         add("rclip re-run, unchanged folder (index check + query)", tools.rclip(folder, state, index=True))
-        s, rss, _ = tools.clipsearch("index", str(folder), "--no-progress", home=home)
-        add("clipsearch re-index, unchanged folder", (s, rss))
+
+    def cs_again() -> None:
+        add("clipsearch re-index, unchanged folder", tools.clipsearch("index", str(folder), "--no-progress",
+                                                                      home=home)[:2])
+
+    def rclip_query() -> None:
         add("rclip query, no indexing", tools.rclip(folder, state, index=False))
-        add("clipsearch query (no server)", (q := tools.clipsearch("search", QUERY, "-k", "5", home=home))[:2])
-    out = {k: {"seconds": statistics.median(v[0] for v in vs), "peak_rss_mb": max(v[1] for v in vs)}
-           for k, vs in rows.items()}
+
+    def cs_query() -> None:
+        add("clipsearch query (no server)", tools.clipsearch("search", QUERY, "-k", "5", home=home)[:2])
+
+    def new_pair(q: str) -> tuple[Callable[[], None], Callable[[], None]]:
+        return (lambda: add("rclip query naming a new object, no indexing", tools.rclip(folder, state, False, q)),
+                lambda: add("clipsearch query naming a new object (no server)",
+                            tools.clipsearch("search", q, "-k", "5", home=home)[:2]))
+
+    steps = [(rclip_cold, cs_cold), (rclip_again, cs_again)] + [(rclip_query, cs_query)] * queries
+    for one, other in steps + [new_pair(q) for q in new]:
+        if first_tool == "clipsearch":
+            one, other = other, one
+        one()
+        other()
+
+
+def run_folder(tools: Tools, name: str, folder: Path, rounds: int, queries: int,
+               new_queries: int) -> dict[str, dict[str, Any]]:
+    n = len(list(folder.glob("*.jpg")))
+    rows: dict[str, list[tuple[float, float]]] = {}
+    loads = []
+    for r in range(rounds):
+        state, home = tools.work / f"rclip-state-{name}-{r}", tools.work / f"cs-home-{name}-{r}"
+        shutil.rmtree(state, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)
+        loads.append(load())
+        first = "clipsearch" if r % 2 else "rclip"
+        new = [f"a photo of a {o}" for o in NEW_OBJECTS[r * new_queries: (r + 1) * new_queries]]
+        cold_round(tools, folder, state, home, first, queries, new, lambda k, v: rows.setdefault(k, []).append(v))
+        print(f"{name} round {r + 1}/{rounds} (load {loads[-1]}, {first} first): "
+              + ", ".join(f"{k} {v[-1][0]:.2f}" for k, v in rows.items()), flush=True)
+    out = summarise(rows)
     for k in ("rclip cold index + first query", "clipsearch cold index"):
         out[k]["photos_per_s"] = n / out[k]["seconds"]
+    # rclip's CLI cannot index without answering a query: its indexing alone, less the median no-indexing query
+    less = out["rclip cold index + first query"]["seconds"] - out["rclip query, no indexing"]["seconds"]
+    out["rclip cold index less its query"] = {"seconds": less, "photos_per_s": n / less,
+                                              "peak_rss_mb": out["rclip cold index + first query"]["peak_rss_mb"]}
+    out["load averages"] = {"before each round": loads}
+    return out
+
+
+def run_many(tools: Tools, folder: Path, rounds: int, model: str) -> dict[str, dict[str, Any]]:
+    """The unchanged re-run on a large folder of small photos, both tools having indexed it once (untimed)."""
+    n = len(list(folder.glob("*.jpg")))
+    state, home = tools.work / "rclip-state-many", tools.work / f"cs-home-many-{model.replace(':', '_')}"
+    marker = tools.work / "many-setup.json"
+    setup = json.loads(marker.read_text()) if marker.is_file() else {}
+    key = f"{n}:{model}"
+    if setup.get("key") != key:
+        setup = {"key": key}
+        for path in (state, home):
+            shutil.rmtree(path, ignore_errors=True)
+        print(f"setup: indexing {n} photos once with clipsearch ({model}), then rclip (untimed)", flush=True)
+        setup["load before"] = load()
+        s, rss, _ = tools.clipsearch("index", str(folder), "--model", model, "--no-progress", home=home)
+        setup["clipsearch index"] = {"seconds": s, "peak_rss_mb": rss, "photos_per_s": n / s, "load after": load()}
+        print(f"setup: clipsearch {s:.1f} s ({n / s:.1f} photos/s)", flush=True)
+        s, rss = tools.rclip(folder, state, index=True)
+        setup["rclip index + first query"] = {"seconds": s, "peak_rss_mb": rss, "photos_per_s": n / s,
+                                              "load after": load()}
+        print(f"setup: rclip {s:.1f} s ({n / s:.1f} photos/s)", flush=True)
+        marker.write_text(json.dumps(setup, indent=1))
+    rows: dict[str, list[tuple[float, float]]] = {}
+    loads = []
+    for r in range(rounds):
+        loads.append(load())
+        steps = [("clipsearch re-index, unchanged folder",
+                  lambda: tools.clipsearch("index", str(folder), "--no-progress", home=home)[:2]),
+                 ("rclip re-run, unchanged folder (index check + query)",
+                  lambda: tools.rclip(folder, state, index=True)),
+                 ("rclip query, no indexing", lambda: tools.rclip(folder, state, index=False))]
+        for key, step in (steps if r % 2 else steps[::-1]):
+            rows.setdefault(key, []).append(step())
+        print(f"many round {r + 1}/{rounds} (load {loads[-1]}): "
+              + ", ".join(f"{k} {v[-1][0]:.2f}" for k, v in rows.items()), flush=True)
+    out = summarise(rows)
+    out["rclip index check alone (re-run less query)"] = {
+        "seconds": statistics.median(a[0] - b[0] for a, b in zip(
+            rows["rclip re-run, unchanged folder (index check + query)"], rows["rclip query, no indexing"],
+            strict=True)), "peak_rss_mb": out["rclip re-run, unchanged folder (index check + query)"]["peak_rss_mb"]}
+    out["setup (untimed)"] = setup
+    out["load averages"] = {"before each round": loads}
     return out
 
 
@@ -177,27 +287,54 @@ def check_same_network(tools: Tools) -> float:
     return float(a @ ours / np.linalg.norm(a))
 
 
+def versions(args: argparse.Namespace) -> dict[str, str]:
+    from importlib.metadata import version
+
+    code = ("import sys, importlib.metadata as m; "
+            "print(sys.version.split()[0], m.version('rclip'), m.version('onnxruntime'), m.version('pillow'))")
+    theirs = subprocess.run([args.rclip_python, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    return {"python": sys.version.split()[0], "onnxruntime": version("onnxruntime"), "pillow": version("pillow"),
+            "simplejpeg": version("simplejpeg"), "rclip python": theirs[0], "rclip": theirs[1],
+            "rclip onnxruntime": theirs[2], "rclip pillow": theirs[3], "cpus": str(os.cpu_count())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rclip-python", required=True, help="python of a venv with rclip installed")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/vs-rclip"))
     ap.add_argument("--big", type=int, default=200, help="camera-size (4000x3000) JPEGs")
     ap.add_argument("--small", type=int, default=200, help="small (640x480) JPEGs")
+    ap.add_argument("--many", type=int, default=0, help="a large folder of this many small JPEGs: unchanged re-run")
+    ap.add_argument("--many-size", default="128x96", help="WxH of the --many photos")
+    ap.add_argument("--many-model", default=SPEC, help="clipsearch's model for the --many setup (e.g. demo)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--queries", type=int, default=1, help="cold queries of each tool per round (alternating)")
+    ap.add_argument("--new-queries", type=int, default=0,
+                    help="cold queries per round that each name an object the home was not asked about yet")
     ap.add_argument("--backend", default=None, help="clipsearch encoder backend (default: its own auto)")
     args = ap.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     tools = Tools(args, work)
     export_rclip_models(tools.models)
+    info = versions(args)
+    print(f"versions: {info}")
     print(f"same network check: cosine(rclip, clipsearch) text vector = {check_same_network(tools):.6f}")
-    folders = {"camera 12MP": (work / "big", args.big, (4000, 3000)), "small": (work / "small", args.small, (640, 480))}
-    results = {}
+    w, h = (int(x) for x in args.many_size.split("x"))
+    folders = {"camera 12MP": (work / "big", args.big, (4000, 3000)), "small": (work / "small", args.small, (640, 480)),
+               "many": (work / f"many-{args.many}-{args.many_size}", args.many, (w, h))}
+    results: dict[str, Any] = {"versions": info}
     for name, (folder, count, size) in folders.items():
         if count:
             make_folder(folder, count, size)
-            results[name] = run_folder(tools, name.split()[0], folder, args.rounds)
-            for k, v in results[name].items():
+            if name == "many":
+                res = run_many(tools, folder, args.rounds, args.many_model)
+            else:
+                res = run_folder(tools, name.split()[0], folder, args.rounds, args.queries, args.new_queries)
+            results[name] = res
+            for k, v in res.items():
+                if "seconds" not in v:
+                    continue
                 extra = f"  {v['photos_per_s']:.1f} photos/s" if "photos_per_s" in v else ""
                 print(f"{name:12s} {k:55s} {v['seconds']:7.2f} s  peak RSS {v['peak_rss_mb']:6.0f} MB{extra}")
     print(json.dumps(results, indent=1))

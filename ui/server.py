@@ -295,8 +295,15 @@ class QueryServer:
 def serve(config: AppConfig, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None,
           access_log: bool = False, on_ready: Callable[[str], None] | None = None) -> None:
     """Run the query server for a home until interrupted (what `clipsearch serve` calls); `on_ready(url)` runs
-    once it accepts connections (the CLI prints the address there)."""
-    QueryServer(config, host, port, token, access_log=access_log, on_ready=on_ready).run()
+    once it accepts connections (the CLI prints the address there).
+
+    numpy's BLAS runs on one thread here: a query's matrix products are small, and a second BLAS thread waiting
+    for a core that another request (or process) holds made a warm query 4-6x slower (48-52 ms against 8 ms for
+    30 repeated queries in one process; bench/RESULTS.md issue 13). Tagging splits its work per core itself."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        QueryServer(config, host, port, token, access_log=access_log, on_ready=on_ready).run()
 
 
 def _bind(host: str, port: int) -> socket.socket:
