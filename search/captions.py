@@ -3,8 +3,9 @@
 Two kinds of captioner, named by the same spec forms as the CLIP model:
   * ``demo`` or a trained captioner FOLDER (captioner.json): reads the photo's stored CLIP embedding, so a library
     is captioned without decoding a photo; it reads only the embedding space it was trained on;
-  * ``coca_ARCH:TAG`` (or any open_clip CoCa spec: ARCH:FILE, a model folder) and ``blip:NAME`` (transformers,
-    a hub name or a folder): read the photo itself (indexer/model/pixel_models.py), any CLIP model in use.
+  * ``demo-coca`` (the bundled small CoCa, offline), ``coca_ARCH:TAG`` (or any open_clip CoCa spec: ARCH:FILE, a
+    model folder) and ``blip:NAME`` (transformers, a hub name or a folder): read the photo itself
+    (indexer/model/pixel_models.py), any CLIP model in use.
 `load_captioner` resolves a spec (one-line errors; a model not available offline says what to fetch and where);
 `caption_photos` captions catalogued photos, `caption_image` a file or upload; `caption_library` generates
 captions and stores them (indexer/storage/caption_store.py): every caption of a batch is generated before its one
@@ -36,15 +37,17 @@ from .explain import read_ref
 log = logging.getLogger(__name__)
 
 MAX_PIXELS = 100_000_000  # the decoder's bomb limit for photos read by pixel captioners
-_OFFLINE = "the demo captioner works offline: --captioner demo"
-_FORMS = "use demo, a captioner folder, coca_ARCH:TAG (open_clip CoCa) or blip:NAME (transformers BLIP)"
+_OFFLINE = "the demo captioners work offline: --captioner demo (or demo-coca)"
+_FORMS = ("use demo, demo-coca, a captioner folder, coca_ARCH:TAG (open_clip CoCa) or blip:NAME (transformers "
+          "BLIP)")
+_BUNDLED = {"demo": "demo_captioner", "demo-coca": "demo_coca"}  # spec -> folder beside the demo CLIP model
 
 
-def _demo_folder() -> Path:
-    """The bundled demo captioner, found through the installed indexer package (editable or wheel)."""
+def _demo_folder(name: str = "demo_captioner") -> Path:
+    """A bundled captioner folder, found through the installed indexer package (editable or wheel)."""
     import clipsearch.indexer.model as model_pkg
 
-    return Path(model_pkg.__file__).parent / "demo_captioner"
+    return Path(model_pkg.__file__).parent / name
 
 
 def captioner_kind(spec: str) -> tuple[str, str]:
@@ -55,6 +58,8 @@ def captioner_kind(spec: str) -> tuple[str, str]:
         raise UsageError(f"the captioner spec is empty: {_FORMS}")
     if spec == "demo":
         return "embedding", str(_demo_folder())
+    if spec == "demo-coca":
+        return "coca", str(_demo_folder(_BUNDLED[spec]))
     if spec.startswith("blip:"):
         if not spec[5:].strip():
             raise UsageError("blip: needs a model name or folder, e.g. blip:Salesforce/blip-image-captioning-base")
@@ -82,7 +87,7 @@ def captioner_label(spec: str) -> str:
     """The name stored with each caption: ``demo``, a folder's absolute path, or the registry spec; at most 255
     characters (a longer path keeps its end and a digest)."""
     kind, what = captioner_kind(spec)
-    label = spec.strip() if spec.strip() == "demo" or not os.path.isdir(spec) else str(Path(spec).resolve())
+    label = spec.strip() if spec.strip() in _BUNDLED or not os.path.isdir(spec) else str(Path(spec).resolve())
     if kind == "blip":
         label = "blip:" + (str(Path(what).resolve()) if os.path.isdir(what) else what)
     if len(label) > 255:
@@ -95,6 +100,9 @@ def load_captioner(spec: str, encoder: Any = None, device: str | None = None) ->
     captioner must read `encoder`'s space; pixel captioners ignore the encoder (it may be None) and load on
     `device` (None: the best available)."""
     kind, what = captioner_kind(spec)
+    if spec.strip() == "demo-coca" and not (Path(what) / "open_clip_config.json").is_file():
+        raise ModelUnavailable(f"the demo CoCa is missing from {what}: reinstall clipsearch or rebuild it with "
+                               "`make demo-coca`")
     try:
         if kind == "coca":
             from clipsearch.indexer.model.pixel_models import CocaCaptioner

@@ -51,7 +51,8 @@ def _caption_args(p: argparse.ArgumentParser) -> None:
                    help="caption every indexed photo that has no caption from this captioner for its current content")
     p.add_argument("--redo", action="store_true", help="with --all: caption again photos that already have one")
     p.add_argument("--captioner", default="demo",
-                   help="demo, a trained captioner folder, coca_ARCH:TAG (open_clip CoCa) or blip:NAME (transformers)")
+                   help="demo, demo-coca, a trained captioner folder, coca_ARCH:TAG (open_clip CoCa) or blip:NAME "
+                        "(transformers)")
 
 
 def _library_parts(args: argparse.Namespace, embeddings: bool, need_photos: bool) -> tuple:

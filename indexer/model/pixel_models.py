@@ -78,7 +78,8 @@ def _pick_device(device: str | None) -> str:
 
 class CocaCaptioner:
     """open_clip CoCa: `ARCH:TAG` (e.g. coca_ViT-B-32:mscoco_finetuned_laion2b_s13b_b90k), `ARCH:FILE`, a model
-    folder, or `CONFIG.json:none` (untrained, for tests): the CLIP model's spec forms."""
+    folder, or `CONFIG.json:none` (untrained, for tests): the CLIP model's spec forms. A folder whose config has a
+    `conv_vision_cfg` (the bundled demo CoCa, coca_training.py) is built by `load_coca`."""
 
     reads = "pixels"
 
@@ -104,7 +105,12 @@ class CocaCaptioner:
                     raise ModelUnavailable(unavailable("captioner", spec, repo, reason))
         self.device = _pick_device(device)
         try:
-            self.model, self.tokenizer, pp, _ = build_model(spec, self.device)
+            if parsed.folder is not None and "conv_vision_cfg" in cfg:  # the demo CoCa's CNN image tower
+                from clipsearch.indexer.model.coca_training import load_coca
+
+                self.model, self.tokenizer, pp = load_coca(parsed.folder, self.device)
+            else:
+                self.model, self.tokenizer, pp, _ = build_model(spec, self.device)
         except ModelUnavailable as e:
             raise ModelUnavailable(f"captioner '{spec}' cannot be loaded: {e}") from e
         self.preprocess_spec = TorchEncoder.preprocess_spec_from(pp)
