@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -37,12 +36,11 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import SQLAlchemyError
 
-from clipsearch.indexer.errors import CatalogError
 from clipsearch.indexer.ingest.ocr import ENGINE, OcrEngine, OcrResult, read_many
 from clipsearch.indexer.status import PhotoStatus
 from clipsearch.indexer.storage.catalog import Catalog
+from clipsearch.indexer.storage.fts import create_once, words  # noqa: F401 - words: re-exported
 from clipsearch.indexer.storage.schema import photos
 
 log = logging.getLogger(__name__)
@@ -61,14 +59,8 @@ ocr_texts = Table(
     Column("updated_at", DateTime, nullable=False),
 )
 
-_WORD = re.compile(r"\w+", re.UNICODE)
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 FUZZY_MIN_LEN = 5  # words at least this long may match with one character read wrong (OCR's usual slip)
-
-
-def words(query: str) -> list[str]:
-    """The words of a query as the full-text index sees them (letters and digits; punctuation separates)."""
-    return [w.lower() for w in _WORD.findall(query)]
 
 
 def one_edit(word: str) -> list[str]:
@@ -98,16 +90,11 @@ class OcrStore:
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
         self.sqlite = catalog.engine.dialect.name == "sqlite"
-        for attempt in range(3):  # another process may create the tables at the same moment
-            try:
-                with catalog.engine.begin() as conn:
-                    ocr_texts.create(conn, checkfirst=True)
-                    self._create_index(conn)
-                return
-            except SQLAlchemyError as e:
-                if attempt == 2 or "already exists" not in str(e):
-                    raise CatalogError(f"cannot create the OCR tables: {str(e).splitlines()[0]}") from e
-                time.sleep(0.2)
+        create_once(catalog.engine, self._create, "OCR")
+
+    def _create(self, conn: Connection) -> None:
+        ocr_texts.create(conn, checkfirst=True)
+        self._create_index(conn)
 
     def _create_index(self, conn: Connection) -> None:
         if self.sqlite:

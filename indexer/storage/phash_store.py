@@ -9,14 +9,11 @@ signature version are the ones it was computed for; deleting a photo deletes its
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable
 
 import numpy as np
 from sqlalchemy import Column, Float, ForeignKey, Integer, LargeBinary, MetaData, String, Table, delete, insert, select
-from sqlalchemy.exc import SQLAlchemyError
 
-from clipsearch.indexer.errors import CatalogError
 from clipsearch.indexer.ingest.phash import (
     COLOUR_DIM,
     DESCRIPTOR_DIM,
@@ -27,6 +24,7 @@ from clipsearch.indexer.ingest.phash import (
 )
 from clipsearch.indexer.status import PhotoStatus
 from clipsearch.indexer.storage.catalog import Catalog
+from clipsearch.indexer.storage.fts import create_once
 from clipsearch.indexer.storage.schema import photos
 
 log = logging.getLogger(__name__)
@@ -52,15 +50,7 @@ class SignatureStore:
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
-        for attempt in range(3):  # another process may create the table at the same moment
-            try:
-                with catalog.engine.begin() as conn:
-                    signatures.create(conn, checkfirst=True)
-                return
-            except SQLAlchemyError as e:
-                if attempt == 2 or "already exists" not in str(e):
-                    raise CatalogError(f"cannot create the perceptual signature table: {str(e).splitlines()[0]}") from e
-                time.sleep(0.2)
+        create_once(catalog.engine, lambda conn: signatures.create(conn, checkfirst=True), "perceptual signature")
 
     def photos_needing(self, photo_ids: Iterable[int] | None = None) -> list[tuple[int, bytes]]:
         """(id, raw path) of indexed photos (all, or those given) with no valid signature: none stored, or one of

@@ -8,16 +8,14 @@ photo deletes its rows (foreign key cascade).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 
 import numpy as np
 from sqlalchemy import Column, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Table, delete, insert, select
-from sqlalchemy.exc import SQLAlchemyError
 
-from clipsearch.indexer.errors import CatalogError
 from clipsearch.indexer.status import PhotoStatus
 from clipsearch.indexer.storage.catalog import Catalog
+from clipsearch.indexer.storage.fts import create_once
 from clipsearch.indexer.storage.schema import embeddings, photos
 
 _metadata = MetaData()
@@ -42,15 +40,7 @@ class RegionStore:
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
-        for attempt in range(3):  # another process may create the table at the same moment
-            try:
-                with catalog.engine.begin() as conn:
-                    regions.create(conn, checkfirst=True)
-                return
-            except SQLAlchemyError as e:
-                if attempt == 2 or "already exists" not in str(e):
-                    raise CatalogError(f"cannot create the region vector table: {str(e).splitlines()[0]}") from e
-                time.sleep(0.2)
+        create_once(catalog.engine, lambda conn: regions.create(conn, checkfirst=True), "region vector")
 
     def photos_needing(self, space_id: int) -> list[tuple[int, bytes]]:
         """(id, raw path) of photos with a vector in the space but no region vectors for their current content."""
