@@ -42,6 +42,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _OUR_ERROR = re.compile(r"^clipsearch\.indexer\.errors\.(\w+): (.+)$", re.M)  # the last line of a worker's traceback
 _ANY_ERROR = re.compile(r"^(?:[\w.]+(?:Error|Exception)): .+$", re.M)
 _PASSES = 2  # a result Ray never delivered (it should not happen) is asked for once more, then it is an error
+_ACTOR_CPUS = 1  # CPUs an encode actor reserves, and on a CPU-only cluster the threads its encoder runs
 
 
 def import_ray() -> Any:
@@ -243,11 +244,12 @@ class RayExecutor:
                        "ship_jpeg": ship_jpeg})
         return decoded.map_batches(
             EncodeActor, batch_size=step, batch_format="numpy", compute=ActorPoolStrategy(size=workers),
-            num_cpus=1, num_gpus=gpus,
+            num_cpus=_ACTOR_CPUS, num_gpus=gpus,
             fn_constructor_kwargs={"spec": ctx.spec, "device": "cuda" if gpus else "cpu", "backend": self.backend,
                                    "model_cache": self.model_cache, "space_key": space_key,
                                    "gpu_decode": self.gpu_decode if ship_jpeg else "off",
-                                   "preprocess": ctx.preprocess, "max_pixels": ctx.max_pixels})
+                                   "preprocess": ctx.preprocess, "max_pixels": ctx.max_pixels,
+                                   "cpu_threads": None if gpus else _ACTOR_CPUS})
 
     def _sizes(self, ray: Any) -> tuple[float, int]:
         """GPUs per encode actor and the number of actors: as set, else from the cluster's resources. More actors

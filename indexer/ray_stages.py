@@ -90,11 +90,15 @@ class EncodeActor:
 
     def __init__(self, spec: str, device: str | None, backend: str, model_cache: str | None, space_key: str,
                  gpu_decode: str = "auto", preprocess: PreprocessSpec | None = None,
-                 max_pixels: int = 100_000_000) -> None:
+                 max_pixels: int = 100_000_000, cpu_threads: int | None = None) -> None:
         from clipsearch.indexer.errors import UsageError
         from clipsearch.indexer.model.factory import create_encoder
 
         self.encoder = create_encoder(spec, device, backend, model_cache)
+        if cpu_threads and str(self.encoder.device) == "cpu":
+            # the actor holds cpu_threads of the node's CPUs: an encoder sized to the whole node would put
+            # actors x cores spinning threads on the cores (2 actors on 2 cores ran at 0.76 of the local engine)
+            self.encoder.limit_threads(cpu_threads)
         if self.encoder.space.key != space_key:
             raise UsageError(f"model {spec} on this node is embedding space {self.encoder.space.key}, "
                              f"the driver's is {space_key}: the nodes must share the same weights")
