@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from clipsearch.indexer.config import DEFAULT_MODEL, AppConfig, IndexOptions
+from clipsearch.indexer.config import DEFAULT_MODEL, AppConfig, IndexOptions, write_model_hint
 from clipsearch.indexer.storage.catalog import Catalog
 from clipsearch.indexer.storage.store import StoreOptions, VectorStore
 
@@ -38,10 +38,14 @@ def resolve_model(config: AppConfig, catalog: Catalog) -> str:
 
 
 def build_encoder(config: AppConfig, catalog: Catalog) -> Encoder:
-    """The encoder for this config's model (loads it: the slow step)."""
+    """The encoder for this config's model (loads it: the slow step). The spec is also noted in the home, so that
+    the next CLI process can start loading the model before it has opened the catalog (config.read_model_hint)."""
     from clipsearch.indexer.model.factory import create_encoder
 
-    return create_encoder(resolve_model(config, catalog), config.device, config.backend, config.model_cache)
+    spec = resolve_model(config, catalog)
+    encoder = create_encoder(spec, config.device, config.backend, config.model_cache)
+    write_model_hint(config, spec)
+    return encoder
 
 
 def build_indexer(config: AppConfig, options: IndexOptions = IndexOptions(),
@@ -52,6 +56,7 @@ def build_indexer(config: AppConfig, options: IndexOptions = IndexOptions(),
     parts = open_parts(config)
     spec = resolve_model(config, parts.catalog)
     parts.catalog.set_meta("last_model", spec)
+    write_model_hint(config, spec)
     source = EncoderSource(spec, lambda: build_encoder(replace(config, model=spec), parts.catalog))
     return Indexer(parts.catalog, parts.store, source, config.home, options, executor=executor,
                    db_url=config.db_url)

@@ -65,6 +65,37 @@ class AppConfig:
         return env
 
 
+MODEL_HINT = "model-hint"  # in a home's cache dir: the spec its last encoder was built from
+
+
+def read_model_hint(config: AppConfig) -> str | None:
+    """The model a home's next query will most likely use (--model, else the spec its last encoder was built
+    from), read without opening the catalog: a guess to start loading early, never a decision."""
+    if config.model:
+        return config.model
+    try:
+        return (config.cache_dir / MODEL_HINT).read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def write_model_hint(config: AppConfig, spec: str) -> None:
+    """Note the spec an encoder was just built from (atomically; a read-only home only loses the head start)."""
+    path = config.cache_dir / MODEL_HINT
+    try:
+        if path.read_text(encoding="utf-8") == spec:
+            return
+    except OSError:
+        pass
+    try:
+        config.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{MODEL_HINT}.{os.getpid()}")
+        tmp.write_text(spec, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 def load_config(env: Mapping[str, str] | None = None, **flags: Any) -> AppConfig:
     """The one place that turns environment + flags into an AppConfig. A flag given (not None) wins over its
     variable; a variable wins over the default.

@@ -28,6 +28,7 @@ from .relevance import LEVELS, STRONG, WEAK, Relevance, robust_location_scale, v
 from .results import Classification, LabelScore, SearchHit, SearchPage, TagPreview
 from .stacks import GroupCache, stacked_page
 from .tagging import Tagger, export_tags, remove_tags, tags_document
+from .text_cache import TextVectors
 from .thumbnails import thumbnail
 from .zeroshot import LabelVectors, parse_labels
 
@@ -60,7 +61,8 @@ class SearchService:
         self.tags = TagStore(catalog)
         self.texts = TextCollections(catalog)
         self.label_vectors = LabelVectors(encoder, label_cache or cache_dir)  # label files depend on the model only
-        self.relevance = Relevance(encoder, vocab_for(encoder), self.label_vectors)
+        self.relevance = Relevance(encoder, vocab_for(encoder), self.label_vectors,
+                                   TextVectors(encoder, disk_dir=label_cache or cache_dir))
         self.captions = ImageToText(encoder, self.texts, self.label_vectors)
         self.tagger = Tagger(encoder, catalog, store, self.tags, self.label_vectors, self.space, self.relevance)
         self._calib: dict[str, tuple[int, np.ndarray]] = {}

@@ -294,3 +294,49 @@ def test_vit_b_32_on_onnx_equals_torch(tmp_path_factory: pytest.TempPathFactory)
     onnx = create_encoder(spec, "cpu", "onnx", cache)
     _check_equal(onnx, create_encoder(spec, "cpu", "torch"))
     shutil.rmtree(cache, ignore_errors=True)
+
+
+@pytest.mark.integration
+def test_a_checked_file_is_not_hashed_again_but_an_edit_is_caught(tiny_export: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stat stamp saves re-hashing a 254 MB tower in every cold query; an edit that even restores the old
+    mtime changes ctime, so it is still hashed and refused."""
+    import os
+
+    from clipsearch.indexer.model import onnx_cache
+    from clipsearch.indexer.model.onnx_cache import ExportMeta, verify_files
+
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_export, folder)
+    meta = ExportMeta.from_json((folder / META_FILE).read_text())
+    hashed: list[str] = []
+    real = onnx_cache.file_sha256
+    monkeypatch.setattr(onnx_cache, "file_sha256", lambda p: hashed.append(Path(p).name) or real(p))
+    assert verify_files(folder, meta, "text") is None and hashed == ["text.onnx"]
+    assert verify_files(folder, meta, "text") is None and hashed == ["text.onnx"]  # stamped: not hashed again
+    target = folder / "text.onnx"
+    st = target.stat()
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime
+    reason = verify_files(folder, meta, "text")
+    assert reason is not None and "checksum" in reason and hashed == ["text.onnx", "text.onnx"]
+
+
+def test_texts_of_very_different_lengths_run_in_separate_batches() -> None:
+    from clipsearch.indexer.model.onnx_encoder import length_batches
+
+    assert length_batches([10] * 62 + [14], 256, 24) == [(0, 62), (62, 63)]  # not 62 rows padded by 4
+    assert length_batches([10, 10, 11, 11], 256, 24) == [(0, 4)]  # padding cheaper than another run
+    assert length_batches([5, 5, 5, 5, 5], 2, 24) == [(0, 2), (2, 4), (4, 5)]
+    assert length_batches([], 256, 24) == []
+
+
+@pytest.mark.integration
+def test_mixed_length_texts_equal_their_one_by_one_vectors(tiny_export: Path, cache: Path) -> None:
+    enc = OnnxEncoder(TINY, cache)
+    texts = ["a dog"] * 30 + ["a photo of a very small dog sitting on a long sandy beach at sunset"] + ["x"]
+    together = enc.encode_texts(texts)
+    alone = np.vstack([enc.encode_texts([t]) for t in dict.fromkeys(texts)])
+    np.testing.assert_allclose(together[[0, 30, 31]], alone, atol=1e-5)

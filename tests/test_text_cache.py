@@ -62,3 +62,36 @@ def test_a_large_group_is_embedded_once_whichever_entry_a_query_names(tiny_encod
     assert first == 40  # the group, once
     plan = rel.plan("a thing7", photos)
     assert enc.texts == first and len(plan.contrasts) == 4 and "a thing7" not in plan.contrasts
+
+
+def test_a_new_process_reads_the_texts_an_earlier_one_stored(tiny_encoder: Any, tmp_path) -> None:
+    """A cold CLI query starts with an empty memory: its contrasts come from the disk store instead of the encoder,
+    with the same vectors."""
+    texts = ["a red dog", "a red cat", "a blue car"]
+    first = TextVectors(tiny_encoder, disk_dir=tmp_path)
+    want = first(texts)
+    assert first.encoded == 3
+    second = TextVectors(tiny_encoder, disk_dir=tmp_path)  # another process: nothing in memory
+    np.testing.assert_array_equal(second(texts + ["a green car"]), np.vstack([want, tiny_encoder.encode_texts(
+        ["a green car"])]))
+    assert second.encoded == 1  # only the text never stored
+
+
+def test_the_disk_store_keeps_its_newest_rows_and_a_broken_file_only_costs_encoding(tiny_encoder: Any,
+                                                                                    tmp_path) -> None:
+    from clipsearch.search.text_cache import DiskTexts
+
+    cache = TextVectors(tiny_encoder, disk_dir=tmp_path)
+    cache.disk = DiskTexts(tmp_path, tiny_encoder.space.key, tiny_encoder.space.dim, max_texts=2)
+    cache(["one", "two"])
+    cache(["three"])
+    fresh = TextVectors(tiny_encoder, disk_dir=tmp_path)
+    fresh(["one", "two", "three"])
+    assert fresh.encoded == 1  # "one", the oldest, was dropped past 2 rows
+    store = tmp_path / f"texts-{tiny_encoder.space.key}.sqlite3"
+    for extra in store.parent.glob(store.name + "-*"):
+        extra.unlink()
+    store.write_bytes(b"not a database" * 100)
+    broken = TextVectors(tiny_encoder, disk_dir=tmp_path)
+    np.testing.assert_allclose(broken(["two"]), tiny_encoder.encode_texts(["two"]), atol=1e-6)
+    assert broken.encoded == 1

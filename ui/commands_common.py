@@ -203,9 +203,29 @@ def service_for(args: argparse.Namespace, need_photos: bool = True) -> SearchSer
     client = find_server(config)
     if client is None:
         log.info("no server running for %s: answering in-process", config.home)
+        _prewarm_model(config)
         return _local_service(config, need_photos)
     log.info("found the server at %s", client.url)
     return Routed(client, lambda: _local_service(config, need_photos))  # type: ignore[return-value]
+
+
+def _prewarm_model(config: AppConfig) -> None:
+    """Start building the text tower of the home's likely model on a thread while this one imports the catalog
+    and the service (they take about as long, on one core each: indexer/model/onnx_sessions.py)."""
+    from clipsearch.indexer.config import read_model_hint
+
+    spec = read_model_hint(config)
+    if not spec or config.backend == "torch":
+        return
+    from clipsearch.indexer.model.factory import _auto_backend
+
+    if config.backend == "auto" and _auto_backend(config.device) != "onnx":
+        return
+    from clipsearch.indexer.ingest.cores import usable_cores
+    from clipsearch.indexer.model.onnx_sessions import prewarm
+
+    if prewarm(spec, config.model_cache, usable_cores()):
+        log.info("loading model %s in the background", spec)
 
 
 def _local_service(config: AppConfig, need_photos: bool) -> SearchService:
