@@ -249,3 +249,26 @@ def test_clipsearch_serve_answers_like_the_cli_and_sees_new_photos(tmp_path: Pat
     assert rc in (0, -signal.SIGTERM), (tmp_path / "server.log").read_text()  # uvicorn re-raises SIGTERM
     assert not server_file(config).exists()
     assert isinstance(client, Client)
+
+
+def test_the_token_can_come_from_a_file_or_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--token` shows in `ps`; --token-file and $CLIPSEARCH_TOKEN keep it off the command line."""
+    import argparse
+
+    from clipsearch.ui.commands_app import _token
+
+    secret = tmp_path / "token"
+    secret.write_text("s3cret-" + "y" * 20 + "\nignored\n")
+    monkeypatch.setenv("CLIPSEARCH_TOKEN", "from-env-" + "z" * 20)
+    assert _token(argparse.Namespace(token=None, token_file=secret)) == "s3cret-" + "y" * 20
+    assert _token(argparse.Namespace(token="given", token_file=None)) == "given"
+    assert _token(argparse.Namespace(token=None, token_file=None)) == "from-env-" + "z" * 20
+    monkeypatch.delenv("CLIPSEARCH_TOKEN")
+    assert _token(argparse.Namespace(token=None, token_file=None)) is None
+    for bad, why in [(tmp_path / "missing", "cannot read"), (tmp_path / "empty", "is empty")]:
+        if why == "is empty":
+            bad.write_text("\n")
+        out = subprocess.run([sys.executable, "-m", "clipsearch", "serve", "--host", "0.0.0.0", "--token-file",
+                              str(bad), "--home", str(tmp_path / "h"), "--model", TINY],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and why in out.stderr

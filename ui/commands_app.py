@@ -170,15 +170,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
     _address_args(p, SERVE_PORT)
-    p.add_argument("--token", help="bearer token every request must carry (required to bind beyond this machine)")
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--token", help="bearer token every request must carry (required to bind beyond this machine; "
+                                     "shows in `ps`: prefer --token-file or $CLIPSEARCH_TOKEN)")
+    tok.add_argument("--token-file", type=Path, metavar="FILE", help="read the token from the first line of FILE")
     p.add_argument("--access-log", action="store_true", help="log every request")
 
 
 @command("serve", "keep the model warm and answer queries over a local HTTP API (the CLI and scripts use it)",
          arguments=_serve_args,
          examples=("clipsearch serve", "clipsearch serve --port 9000 --model demo",
-                   "clipsearch serve --host 0.0.0.0 --token \"$(python -c 'import secrets; "
-                   "print(secrets.token_urlsafe())')\""))
+                   "python -c 'import secrets; print(secrets.token_urlsafe())' > ~/.clipsearch-token && "
+                   "chmod 600 ~/.clipsearch-token && clipsearch serve --host 0.0.0.0 --token-file ~/.clipsearch-token"))
 def cmd_serve(args: argparse.Namespace) -> int:
     """The query server for this home until SIGTERM/SIGINT (uvicorn stops it gracefully)."""
     from clipsearch.ui.server import serve
@@ -187,5 +190,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         out(args, {"url": url}, f"clipsearch server on {url} (API docs at {url}/docs)")
         sys.stdout.flush()
 
-    serve(config_from(args), args.host, args.port, args.token, access_log=args.access_log, on_ready=ready)
+    serve(config_from(args), args.host, args.port, _token(args), access_log=args.access_log, on_ready=ready)
     return 0
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """--token, else the first line of --token-file, else $CLIPSEARCH_TOKEN (a command line is visible to every
+    user of the machine in `ps`; a file or the environment is not)."""
+    if args.token_file is not None:
+        try:
+            lines = args.token_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            why = getattr(e, "strerror", None) or e
+            raise UsageError(f"cannot read the token file {args.token_file}: {why}") from e
+        if not lines or not lines[0].strip():
+            raise UsageError(f"the token file {args.token_file} is empty")
+        return lines[0].strip()
+    return args.token or os.environ.get("CLIPSEARCH_TOKEN") or None
