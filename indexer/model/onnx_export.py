@@ -124,6 +124,7 @@ def _externalise(path: Path) -> None:
     data.unlink(missing_ok=True)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name, size_threshold=1024)
+    shutil.copymode(path, data)  # onnx writes it 0600: a model cache shared by other users or nodes must read it
 
 
 def _export_towers(enc: TorchEncoder, tmp: Path, context_length: int) -> bool:
