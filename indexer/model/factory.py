@@ -3,6 +3,8 @@
 Backends are imported here lazily, so asking for an encoder is the moment torch (or onnxruntime) loads.
 `auto` (the default) is ONNX Runtime on CPU, where it starts in about a second instead of torch's 4-8 s, and torch
 where CUDA is present (fp16 on the GPU beats any CPU backend). Both give vectors of the same embedding space.
+An int8 model (`SPEC@int8`, onnx_quant) is its own space and exists only on ONNX Runtime: it runs there on the
+CPU whatever CUDA is present, and asking for torch or an accelerator with it is a usage error.
 """
 
 from __future__ import annotations
@@ -27,9 +29,19 @@ def create_encoder(spec: str, device: str | None = None, backend: str = "auto",
 
     `model_cache` is where ONNX exports live (None: $CLIPSEARCH_MODEL_CACHE, else the user cache dir). With `auto`,
     a model the ONNX backend cannot run (another tokenizer, a failed export check) or a missing onnxruntime falls
-    back to torch with a log line; with `onnx` those are errors."""
+    back to torch with a log line; with `onnx` those are errors. An `@int8` spec always runs on ONNX Runtime on
+    the CPU (quantized into the model cache on first use); torch or an accelerator with it is a UsageError."""
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend '{backend}' (choose {', '.join(BACKENDS)})")
+    from clipsearch.indexer.model.onnx_quant import split_quant
+
+    base, int8 = split_quant(spec)
+    if int8:
+        if backend == "torch" or (device and device.split(":")[0] != "cpu"):
+            asked = "--backend torch" if backend == "torch" else f"device '{device}'"
+            raise UsageError(f"int8 models run on ONNX Runtime on the CPU: {spec} cannot use {asked} (use {base} "
+                             "there: another embedding space, so a library is indexed and searched with one of them)")
+        return _onnx_encoder(spec, "cpu", model_cache)  # no torch fallback: torch has no int8 space
     chosen = _auto_backend(device) if backend == "auto" else backend
     if chosen == "onnx":
         from clipsearch.indexer.model.onnx_cache import OnnxUnsupported
@@ -49,7 +61,7 @@ def _onnx_encoder(spec: str, device: str | None, model_cache: str | Path | None)
     if device and device.split(":")[0] != "cpu":
         raise UsageError(f"the ONNX backend runs on the CPU only; use --backend torch for device '{device}'")
     if importlib.util.find_spec("onnxruntime") is None:
-        raise UsageError("the ONNX backend needs onnxruntime (pip install onnxruntime)")
+        raise UsageError("the ONNX backend (and any @int8 model) needs onnxruntime (pip install onnxruntime)")
     from clipsearch.indexer.model.onnx_encoder import OnnxEncoder
 
     return OnnxEncoder(spec, model_cache)

@@ -8,6 +8,8 @@ and both backends share one index.
 
 Each tower's session is built on first use (a text query never loads the image graph), and its files' SHA-256
 is checked while ONNX Runtime builds the session: a damaged export is rebuilt once, else reported in one line.
+
+`SPEC@int8` runs SPEC's export quantized to int8 (onnx_quant): its own embedding space, built from the fp32 export.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ from clipsearch.indexer.model.onnx_cache import (
     find_export,
     model_folder,
     remove_export,
-    source_key,
     unsupported_reason,
 )
+from clipsearch.indexer.model.onnx_quant import export_source, split_quant
 from clipsearch.indexer.model.onnx_sessions import DamagedExport, load_tokenizer, open_session, take_prewarmed
 from clipsearch.indexer.model.protocol import PixelInputs
 from clipsearch.indexer.model.tokenizer import BpeTokenizer
@@ -70,9 +72,9 @@ class OnnxEncoder(PixelInputs):
 
     def __init__(self, spec: str, model_cache: str | Path | None = None) -> None:
         self.spec = spec
-        self.folder = model_folder(spec)  # model folders may carry their own prompt templates (templates.txt)
+        self.folder = model_folder(split_quant(spec)[0])  # model folders may carry prompt templates (templates.txt)
         self._root = cache_root(model_cache)
-        self._source = source_key(spec)
+        self._source = export_source(spec)
         found = find_export(self._root, self._source)
         if found is None:
             reason = unsupported_reason(self._root, self._source)
@@ -89,7 +91,7 @@ class OnnxEncoder(PixelInputs):
     def from_export(cls, spec: str, folder: Path, meta: ExportMeta, threads: int | None = None) -> OnnxEncoder:
         """An encoder over an export folder as it is (the exporter's own check runs one before installing it)."""
         enc = cls.__new__(cls)
-        enc.spec, enc.folder, enc._root, enc._source = spec, model_folder(spec), folder.parent, ""
+        enc.spec, enc.folder, enc._root, enc._source = spec, model_folder(split_quant(spec)[0]), folder.parent, ""
         enc._threads = threads or usable_cores()
         enc._sessions, enc._lock = {}, threading.Lock()
         enc._load(folder, meta)
@@ -103,9 +105,29 @@ class OnnxEncoder(PixelInputs):
         self._tokenizer: BpeTokenizer | None = None
 
     def _export(self) -> tuple[Path, ExportMeta]:
+        base, int8 = split_quant(self.spec)
+        if int8:  # quantized from the base model's fp32 export (exported first if need be)
+            from clipsearch.indexer.model.onnx_quant import quantize_export
+
+            return quantize_export(self.spec, OnnxEncoder(base, self._root.parent), self._root, self._source)
         from clipsearch.indexer.model.onnx_export import export_model  # imports torch: only when exporting
 
         return export_model(self.spec, self._root, self._source)
+
+    @property
+    def export_dir(self) -> Path:
+        """The export folder this encoder runs (under <model cache>/onnx, named by its space key)."""
+        return self._dir
+
+    @property
+    def export_meta(self) -> ExportMeta:
+        """The export's export.json, as checked when it was found."""
+        return self._meta
+
+    def open_towers(self) -> None:
+        """Build both towers' sessions now: their files are checked, and a damaged export rebuilt, before use."""
+        for tower in ("image", "text"):
+            self._session(tower)
 
     # --- sessions ------------------------------------------------------------------------------------------------
     def _open(self, tower: str) -> Any:

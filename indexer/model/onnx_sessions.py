@@ -18,7 +18,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from clipsearch.indexer.model.onnx_cache import ExportMeta, cache_root, find_export, source_key, verify_files
+from clipsearch.indexer.model.onnx_cache import ExportMeta, cache_root, find_export, verify_files
+from clipsearch.indexer.model.onnx_quant import export_source
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def prewarm(spec: str, model_cache: str | Path | None, threads: int, tower: str 
     """Start building `tower`'s session of spec's existing ONNX export on a daemon thread; False (and nothing
     started) when the spec has no export yet (exporting stays in the foreground, with its messages)."""
     try:
-        found = find_export(cache_root(model_cache), source_key(spec))
+        found = find_export(cache_root(model_cache), export_source(spec))
     except Exception as e:  # noqa: BLE001 - a malformed spec is reported by the real encoder, not here
         log.debug("no prewarm for %s: %s", spec, e)
         return False

@@ -6,6 +6,7 @@ A model spec is one of:
   * ``ARCH:none``       untrained weights (seeded, so deterministic) -- tests and benchmarks only;
   * ``FOLDER``          a folder with ``open_clip_config.json`` + weights, as written by ``clipsearch train``;
   * ``demo``            the small model bundled with clipsearch (runs offline);
+  * ``SPEC@int8``       SPEC quantized to int8: ONNX Runtime only (onnx_quant), rejected here with one line;
 ARCH may also be a path to an open_clip model-config JSON file (registered with ``open_clip.add_model_config``).
 
 The embedding space id covers architecture, weights and preprocessing, so vectors of different spaces never mix.
@@ -28,6 +29,7 @@ from open_clip.transformer import ResidualAttentionBlock
 
 from clipsearch.indexer.errors import ModelUnavailable, UsageError
 from clipsearch.indexer.ingest.decode import PreprocessSpec
+from clipsearch.indexer.model.onnx_quant import split_quant
 from clipsearch.indexer.model.protocol import EmbeddingSpace, PixelInputs
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,14 @@ class ParsedSpec:
 
 
 def parse_spec(spec: str) -> ParsedSpec:
-    """Split a model spec; raises UsageError for an unknown architecture or a missing file."""
+    """Split a model spec; raises UsageError for an unknown architecture or a missing file, and for an int8 model
+    (`SPEC@int8`), which exists only as an ONNX Runtime export: training, heatmaps and captions need SPEC itself,
+    and its vectors are of another space than the int8 library's, so no torch stand-in is given silently."""
     spec = spec.strip()
+    base, int8 = split_quant(spec)
+    if int8:
+        raise UsageError(f"int8 models run on ONNX Runtime on the CPU only: {spec} cannot be loaded in torch "
+                         f"(training, heatmaps and captions need a torch model such as {base})")
     if spec == "demo":
         return ParsedSpec("demo", None, DEMO_DIR)
     if os.path.isdir(spec):
