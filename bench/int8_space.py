@@ -2,7 +2,7 @@
 
 For one model, fp32 ONNX export vs its int8 quantization, both on ONNX Runtime on the CPU:
 
-* first use: quantize + check + install, into a scratch model cache holding (hard links to) the fp32 export;
+* first use: quantize + check + install, into a scratch model cache holding a copy of the fp32 export;
 * file sizes of both exports' towers;
 * model-only speed: images/s and texts/s at batch 32 on --threads threads, fp32 and int8 rounds alternating
   (decoding is not timed: photos are decoded once beforehand);
@@ -19,7 +19,6 @@ For one model, fp32 ONNX export vs its int8 quantization, both on ONNX Runtime o
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import tempfile
 import time
@@ -52,7 +51,7 @@ def _sizes(folder: Path) -> dict[str, int]:
 def first_use(spec: str, fp32: OnnxEncoder, scratch: Path) -> tuple[float, OnnxEncoder]:
     """Seconds for the int8 model's first use (quantize, check, install) in a scratch cache over the fp32 export."""
     root = cache_root(scratch)
-    shutil.copytree(fp32.export_dir, root / fp32.export_dir.name, copy_function=os.link)
+    shutil.copytree(fp32.export_dir, root / fp32.export_dir.name)  # copies: onnx refuses hard-linked data
     (root / "sources").mkdir()
     (root / "sources" / export_source(spec)).write_text(fp32.export_dir.name)
     start = time.perf_counter()
