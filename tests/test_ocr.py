@@ -68,6 +68,35 @@ def test_store_searches_words_and_phrases_on_both_catalogs(catalog_url: str) -> 
     assert store.search("harbour") == []  # the photo changed since it was read
     cat.remove_photos([1])
     assert store.search("receipt") == []
+    if cat.engine.dialect.name == "sqlite":  # the words left the full-text index too, not only the answers
+        with cat.engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT rowid FROM ocr_texts_fts WHERE ocr_texts_fts MATCH "
+                                        "'receipt OR invoice OR harbour'").all() == [(2,), (3,)]
+    cat.dispose()
+
+
+def test_a_catalog_with_the_old_sqlite_text_index_is_moved_to_the_one_that_follows_deletes(tmp_path: Path) -> None:
+    """Catalogs written before the index followed ocr_texts kept removed photos' words in `ocr_fts`: opening the
+    store drops it and builds the new index from the stored texts, so nothing read before is lost."""
+    from clipsearch.indexer.storage.catalog import Catalog, PhotoRecord
+    from clipsearch.indexer.storage.ocr_store import OcrStore
+
+    cat = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    recs = [PhotoRecord(f"/p/{i}.jpg".encode(), 1, 1, "indexed", content_hash=f"h{i}") for i in range(3)]
+    cat.write_batch(cat.ensure_space("k", "l", "m", 4), recs, {})
+    OcrStore(cat).put({1: _result("INVOICE 2024"), 2: _result("Harbour café"), 3: _result("stale words")}, "test")
+    with cat.engine.begin() as conn:  # what an older version left: a standalone table, a removed photo's words
+        conn.exec_driver_sql("DROP TABLE ocr_texts_fts")
+        conn.exec_driver_sql("CREATE VIRTUAL TABLE ocr_fts USING fts5(text, photo_id UNINDEXED)")
+        conn.exec_driver_sql("INSERT INTO ocr_fts VALUES ('INVOICE 2024', 1), ('Harbour café', 2), ('gone', 9)")
+    store = OcrStore(cat)
+    assert [i for i, _ in store.search("invoice 2024")] == [1] and [i for i, _ in store.search("harbour")] == [2]
+    assert [i for i, _ in store.search("stale")] == [3]  # read before, though the old index had lost it
+    with cat.engine.connect() as conn:
+        names = {r[0] for r in conn.exec_driver_sql("SELECT name FROM sqlite_master")}
+    assert "ocr_fts" not in names and "ocr_texts_fts" in names
+    cat.remove_photos([2])
+    assert store.search("harbour") == [] and [i for i, _ in OcrStore(cat).search("stale")] == [3]
     cat.dispose()
 
 

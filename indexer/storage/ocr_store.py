@@ -40,7 +40,7 @@ from sqlalchemy.engine import Connection
 from clipsearch.indexer.ingest.ocr import ENGINE, OcrEngine, OcrResult, read_many
 from clipsearch.indexer.status import PhotoStatus
 from clipsearch.indexer.storage.catalog import Catalog
-from clipsearch.indexer.storage.fts import create_once, words  # noqa: F401 - words: re-exported
+from clipsearch.indexer.storage.fts import create_fts, create_once, fts_name, words  # noqa: F401 - words: re-exported
 from clipsearch.indexer.storage.schema import photos
 
 log = logging.getLogger(__name__)
@@ -97,13 +97,18 @@ class OcrStore:
         self._create_index(conn)
 
     def _create_index(self, conn: Connection) -> None:
-        if self.sqlite:
-            conn.exec_driver_sql("CREATE VIRTUAL TABLE IF NOT EXISTS ocr_fts USING fts5(text, photo_id UNINDEXED, "
-                                 "tokenize='unicode61 remove_diacritics 2')")
-        else:
-            conn.exec_driver_sql("ALTER TABLE ocr_texts ADD COLUMN IF NOT EXISTS tsv tsvector GENERATED ALWAYS AS "
-                                 "(to_tsvector('simple', text)) STORED")
-            conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_ocr_texts_tsv ON ocr_texts USING GIN (tsv)")
+        """The full-text index (fts.create_fts: it follows ocr_texts' rows, cascade deletes included). A catalog
+        written before that kept a standalone SQLite table, `ocr_fts`, that kept removed photos' words: it is
+        dropped and the new index built from ocr_texts once."""
+        if not self.sqlite:
+            create_fts(conn, ocr_texts.name, "text", key="photo_id")
+            return
+        fts = fts_name(ocr_texts.name)
+        had = conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE name = ?", (fts,)).first() is not None
+        create_fts(conn, ocr_texts.name, "text", key="photo_id")
+        if not had:
+            conn.exec_driver_sql("DROP TABLE IF EXISTS ocr_fts")
+            conn.exec_driver_sql(f"INSERT INTO {fts}({fts}) VALUES ('rebuild')")
 
     def photos_needing(self, retry_failed: bool = False, under: list[bytes] | None = None) -> list[tuple[int, bytes]]:
         """(id, raw path) of indexed photos not read for their current content (and failed ones, when asked);
@@ -141,13 +146,6 @@ class OcrStore:
                              "updated_at": now})
             if rows:
                 conn.execute(insert(ocr_texts), rows)
-            if self.sqlite:
-                for start in range(0, len(ids), 500):
-                    chunk = ids[start : start + 500]
-                    conn.execute(text(f"DELETE FROM ocr_fts WHERE photo_id IN ({','.join(map(str, chunk))})"))
-                found = [{"t": r["text"], "p": r["photo_id"]} for r in rows if r["text"]]
-                if found:  # an empty list would be one execution without parameters
-                    conn.execute(text("INSERT INTO ocr_fts (text, photo_id) VALUES (:t, :p)"), found)
 
     def search(self, query: str, k: int = 20, phrase: bool = True, fuzzy: bool = True,
                photo_ids: Iterable[int] | None = None) -> list[tuple[int, float]]:
@@ -176,9 +174,10 @@ class OcrStore:
                 match = '"' + " ".join(g[0] for g in groups) + '"'
             else:
                 match = " AND ".join("(" + " OR ".join(f'"{w}"' for w in g) + ")" for g in groups)
-            sql = ("SELECT f.photo_id, -bm25(ocr_fts) AS s FROM ocr_fts f JOIN ocr_texts o ON o.photo_id = f.photo_id "
-                   "JOIN photos p ON p.id = f.photo_id WHERE ocr_fts MATCH :m AND p.status = 'indexed' "
-                   "AND o.content_hash IS p.content_hash ORDER BY s DESC, f.photo_id LIMIT :k")
+            fts = fts_name(ocr_texts.name)
+            sql = (f"SELECT o.photo_id, -bm25({fts}) AS s FROM {fts} JOIN ocr_texts o ON o.photo_id = {fts}.rowid "
+                   f"JOIN photos p ON p.id = o.photo_id WHERE {fts} MATCH :m AND p.status = 'indexed' "
+                   "AND o.content_hash IS p.content_hash ORDER BY s DESC, o.photo_id LIMIT :k")
         else:
             if phrase and all(len(g) == 1 for g in groups):
                 match = " <-> ".join(g[0] for g in groups)
