@@ -145,3 +145,29 @@ def test_engine_failure_is_a_result_not_an_exception() -> None:
     assert bad.status == "failed" and bad.reason and bad.text == ""
     blank = engine.read_image(Image.fromarray(np.full((60, 80, 3), 255, np.uint8)))
     assert blank.status == "ok" and blank.text == ""
+
+
+@needs_engine
+@pytest.mark.integration
+def test_a_photo_that_hangs_its_worker_is_killed_and_recorded_while_the_others_are_read(tmp_path: Path) -> None:
+    """A read that never returns (here a FIFO with no writer where a photo was, as a stalled network mount would
+    block) costs that photo, recorded as a timeout with the reason, not the pass: the other photos of its task are
+    read again one by one in a fresh pool."""
+    import os
+    import time
+
+    from clipsearch.indexer.ingest.ocr import read_many
+
+    words = ["HARBOUR", "INVOICE", "GARDEN", "STATION", "MARKET", "BRIDGE", "TICKET"]
+    items = [(i + 1, bytes(_text_photo(tmp_path / f"{w.lower()}.jpg", w))) for i, w in enumerate(words)]
+    fifo = tmp_path / "stalled.jpg"
+    os.mkfifo(fifo)
+    items.insert(3, (99, bytes(fifo)))  # 8 items on 2 workers: tasks of 2, so the hung one shares its task
+    start = time.monotonic()
+    got: dict[int, object] = {}
+    for part in read_many(items, workers=2, hard_limit_s=8):
+        got.update(part)
+    assert sorted(got) == sorted(i for i, _ in items) and time.monotonic() - start < 120
+    hung = got.pop(99)
+    assert hung.status == "timeout" and "did not finish in 8 s: its worker was stopped" in hung.reason
+    assert {i: (r.status, r.text) for i, r in got.items()} == {i + 1: ("ok", w) for i, w in enumerate(words)}

@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,6 +138,10 @@ class OcrEngine:
 # --- many photos: a pool of worker processes ---------------------------------------------------------------------
 _POOL: dict[str, OcrEngine] = {}
 WORKER_DIED = "the OCR worker process died while reading it (out of memory?); retry with clipsearch ocr --retry-failed"
+# A worker gets this long per photo of a task, beyond which it is taken as hung (an engine stuck on one image, a
+# read from a stalled network mount) and killed: `timeout_s` (the soft limit: such a photo keeps its text and is
+# marked) three times over, plus time for the worker's start and the engine's first load.
+HARD_FACTOR, HARD_SLACK_S = 3.0, 20.0
 
 
 def _init_pool_worker(options: dict[str, Any]) -> None:
@@ -156,11 +161,13 @@ def _read_task(items: list[tuple[int, bytes]]) -> dict[int, OcrResult]:
 
 
 def read_many(items: Sequence[tuple[int, bytes]], workers: int = 1, chunk: int = 8, engine: OcrEngine | None = None,
-              **options: Any) -> Iterator[dict[int, OcrResult]]:
-    """OCR (photo id, raw path) pairs; yields {id: result} a task at a time, in order, so that a caller can store
-    each part as it comes (an interrupted pass keeps its work). `workers` <= 1 reads in this process (with `engine`
-    when given); otherwise spawned workers each build an engine from `options` (one ONNX thread unless `threads`
-    says otherwise). Tasks are small enough that every worker gets some even for a handful of photos."""
+              hard_limit_s: float | None = None, **options: Any) -> Iterator[dict[int, OcrResult]]:
+    """OCR (photo id, raw path) pairs; yields {id: result} a task at a time, so that a caller can store each part
+    as it comes (an interrupted pass keeps its work). `workers` <= 1 reads in this process (with `engine` when
+    given); otherwise spawned workers each build an engine from `options` (one ONNX thread unless `threads` says
+    otherwise), and a task still running after `hard_limit_s` per photo (default: HARD_FACTOR x timeout_s +
+    HARD_SLACK_S) is killed: its photos are read again one by one, and one that hangs alone is recorded as a
+    timeout. Tasks are small enough that every worker gets some even for a handful of photos."""
     if not items:
         return
     if workers <= 1 or len(items) < 2:
@@ -171,13 +178,16 @@ def read_many(items: Sequence[tuple[int, bytes]], workers: int = 1, chunk: int =
     require_engine()
     size = max(1, min(chunk, -(-len(items) // (workers * 2))))
     tasks = deque(list(items[start : start + size]) for start in range(0, len(items), size))
-    yield from _pooled(tasks, min(workers, len(tasks)), {"threads": 1, **options})
+    if hard_limit_s is None:
+        hard_limit_s = HARD_FACTOR * float(options.get("timeout_s", 30.0)) + HARD_SLACK_S
+    yield from _pooled(tasks, min(workers, len(tasks)), {"threads": 1, **options}, hard_limit_s)
 
 
-def _pooled(tasks: deque[list[tuple[int, bytes]]], workers: int,
-            options: dict[str, Any]) -> Iterator[dict[int, OcrResult]]:
+def _pooled(tasks: deque[list[tuple[int, bytes]]], workers: int, options: dict[str, Any],
+            hard_limit_s: float) -> Iterator[dict[int, OcrResult]]:
     """Run tasks in a pool, starting a fresh pool when one breaks (its task's photos fail with the reason; a pool
-    that breaks before reading anything, e.g. an engine that cannot load, fails every remaining photo at once)."""
+    that breaks before reading anything, e.g. an engine that cannot load, fails every remaining photo at once) or
+    when a task runs past its hard limit (module constants; the photos of a hung task are retried singly)."""
     from clipsearch.indexer.ingest.workers import sigint_held_off
 
     while tasks:
@@ -191,8 +201,18 @@ def _pooled(tasks: deque[list[tuple[int, bytes]]], workers: int,
                     with sigint_held_off():  # a Ctrl-C while a worker starts must not break the pool
                         pending.append((part, pool.submit(_read_task, part)))
                 part, fut = pending.popleft()
-                try:
-                    result = fut.result()
+                try:  # the oldest task: running since the previous one ended, so its clock starts now
+                    result = fut.result(timeout=hard_limit_s * len(part))
+                except FutureTimeout:
+                    _kill_workers(pool)
+                    tasks.extendleft(reversed([p for p, _ in pending]))
+                    pending.clear()
+                    if len(part) > 1:  # which photo hangs? each is read again alone
+                        tasks.extendleft(reversed([[item] for item in part]))
+                    else:
+                        reason = f"OCR did not finish in {hard_limit_s:.0f} s: its worker was stopped"
+                        yield {part[0][0]: OcrResult("timeout", reason=reason, seconds=hard_limit_s)}
+                    break
                 except BrokenProcessPool:
                     rest = [p for p, _ in pending]
                     pending.clear()
@@ -208,3 +228,14 @@ def _pooled(tasks: deque[list[tuple[int, bytes]]], workers: int,
                 yield result
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    """Stop a pool's worker processes now (a hung one never returns; shutdown alone would wait for it forever).
+    Python 3.14 has ProcessPoolExecutor.kill_workers; before it the processes are only reachable privately."""
+    kill = getattr(pool, "kill_workers", None)
+    if kill is not None:
+        kill()
+        return
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        proc.kill()
