@@ -10,7 +10,6 @@ Files in a captioner folder: ``captioner.json`` (CaptionerConfig) and ``captione
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import asdict, dataclass
@@ -21,8 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from clipsearch.indexer.errors import ModelUnavailable, UsageError
+from clipsearch.indexer.errors import UsageError
 from clipsearch.indexer.ingest.decode import decode_file
+from clipsearch.indexer.model.head_files import load_head, save_head
 from clipsearch.indexer.status import PhotoStatus
 
 log = logging.getLogger(__name__)
@@ -97,31 +97,14 @@ class Captioner:
     @classmethod
     def load(cls, folder: str | Path) -> Captioner:
         """Load from a folder written by `save`; a missing or broken file is a one-line ModelUnavailable."""
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        try:
-            raw = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-            cfg = CaptionerConfig(**{**raw, "vocab": tuple(raw["vocab"])})
-            decoder = CaptionDecoder(cfg)
-            decoder.load_state_dict({k: v.float() for k, v in load_file(folder / WEIGHTS_FILE).items()})
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise ModelUnavailable(f"cannot load the captioner in {folder}: {type(e).__name__}: "
-                                   f"{str(e).splitlines()[0][:160] if str(e) else ''}") from e
+        decoder = load_head(folder, CONFIG_FILE, WEIGHTS_FILE, "captioner",
+                            lambda raw: CaptionDecoder(CaptionerConfig(**{**raw, "vocab": tuple(raw["vocab"])})))
         return cls(decoder)
 
     def save(self, folder: str | Path, half: bool = True) -> Path:
         """Write config and weights (fp16 by default: the demo captioner ships in the package)."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         cfg = asdict(self.config)
-        (folder / CONFIG_FILE).write_text(json.dumps({**cfg, "vocab": list(cfg["vocab"])}, indent=1),
-                                          encoding="utf-8")
-        state = {k: (v.half() if half else v).contiguous() for k, v in self.decoder.state_dict().items()}
-        save_file(state, folder / WEIGHTS_FILE)
-        return folder
+        return save_head(folder, CONFIG_FILE, WEIGHTS_FILE, {**cfg, "vocab": list(cfg["vocab"])}, self.decoder, half)
 
     def caption_vectors(self, vectors: np.ndarray, batch: int = 4096) -> list[str]:
         """One caption per row of (N, D) embeddings of the captioner's space."""

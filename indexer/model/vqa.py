@@ -10,7 +10,6 @@ Files in an answerer folder: ``answerer.json`` (AnswererConfig) and ``answerer.s
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from clipsearch.indexer.errors import ModelUnavailable
 from clipsearch.indexer.model.captioner import PAD, SPECIALS, UNK, words
+from clipsearch.indexer.model.head_files import load_head, save_head
 
 log = logging.getLogger(__name__)
 
@@ -89,31 +88,15 @@ class Answerer:
     @classmethod
     def load(cls, folder: str | Path) -> Answerer:
         """Load from a folder written by `save`; a missing or broken file is a one-line ModelUnavailable."""
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        try:
-            raw = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-            cfg = AnswererConfig(**{**raw, "vocab": tuple(raw["vocab"]), "answers": tuple(raw["answers"])})
-            net = AnswerNet(cfg)
-            net.load_state_dict({k: v.float() for k, v in load_file(folder / WEIGHTS_FILE).items()})
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise ModelUnavailable(f"cannot load the answerer in {folder}: {type(e).__name__}: "
-                                   f"{str(e).splitlines()[0][:160] if str(e) else ''}") from e
+        net = load_head(folder, CONFIG_FILE, WEIGHTS_FILE, "answerer", lambda raw: AnswerNet(AnswererConfig(
+            **{**raw, "vocab": tuple(raw["vocab"]), "answers": tuple(raw["answers"])})))
         return cls(net)
 
     def save(self, folder: str | Path, half: bool = True) -> Path:
         """Write config and weights (fp16 by default: the demo answerer ships in the package)."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         cfg = asdict(self.config)
         cfg.update(vocab=list(cfg["vocab"]), answers=list(cfg["answers"]))
-        (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=1), encoding="utf-8")
-        save_file({k: (v.half() if half else v).contiguous() for k, v in self.net.state_dict().items()},
-                  folder / WEIGHTS_FILE)
-        return folder
+        return save_head(folder, CONFIG_FILE, WEIGHTS_FILE, cfg, self.net, half)
 
 
 def train_answerer(vectors: np.ndarray, questions: list[str], answers: list[str], space_key: str,
