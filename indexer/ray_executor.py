@@ -235,7 +235,7 @@ class RayExecutor:
                             "path": pa.array([t.path for t in part], pa.binary()),
                             "reuse": pa.array([t.allow_reuse for t in part], pa.bool_())})
                   for part in (tasks[i : i + step] for i in range(0, len(tasks), step))]
-        gpus, workers = self._sizes(ray)
+        gpus, workers = self._sizes(ray, ctx.spec)
         workers = min(workers, len(blocks))  # an actor beyond the number of blocks would only load a model
         ship_jpeg = bool(gpus) and self.gpu_decode != "off"  # GPU actors decode the JPEGs' pixels themselves
         decoded = ray.data.from_arrow(blocks).map_batches(
@@ -251,11 +251,19 @@ class RayExecutor:
                                    "preprocess": ctx.preprocess, "max_pixels": ctx.max_pixels,
                                    "cpu_threads": None if gpus else _ACTOR_CPUS})
 
-    def _sizes(self, ray: Any) -> tuple[float, int]:
+    def _sizes(self, ray: Any, spec: str) -> tuple[float, int]:
         """GPUs per encode actor and the number of actors: as set, else from the cluster's resources. More actors
-        than the cluster can hold at once would wait for resources forever, so they are capped (with a warning)."""
+        than the cluster can hold at once would wait for resources forever, so they are capped (with a warning).
+        An int8 model runs on CPUs only (onnx_quant): its actors take no GPU, and asking for one is a UsageError
+        here, on the driver, before any actor starts."""
+        from clipsearch.indexer.model.onnx_quant import is_int8
+
         have = ray.cluster_resources()
         n_gpus, n_cpus = float(have.get("GPU", 0)), max(1, int(have.get("CPU", 1)))
+        if is_int8(spec):
+            if self.gpus_per_worker:
+                raise UsageError(f"int8 models run on ONNX Runtime on the CPU: {spec} cannot use --gpus-per-worker")
+            n_gpus = 0.0
         gpus = self.gpus_per_worker if self.gpus_per_worker is not None else (1.0 if n_gpus >= 1 else 0.0)
         if gpus > n_gpus:
             raise ClusterError(f"--gpus-per-worker {gpus:g} asks for more GPUs than the Ray cluster has ({n_gpus:g})")

@@ -276,6 +276,24 @@ def test_gpus_the_cluster_does_not_have_are_an_error_not_a_hang(ray_cluster, tmp
         list(RayExecutor(gpus_per_worker=1).run([task], ctx, lambda: tiny_encoder))
 
 
+def test_an_int8_model_embeds_on_cpu_actors_and_refuses_gpus_on_the_driver(ray_cluster, tmp_path) -> None:
+    """An int8 space runs on ONNX Runtime on CPUs only: its actors embed exactly as the local int8 encoder does,
+    and --gpus-per-worker with it is one line before any actor starts."""
+    from clipsearch.indexer.errors import UsageError
+    from clipsearch.indexer.model.factory import create_encoder
+    from clipsearch.indexer.ray_executor import RayExecutor
+
+    int8 = create_encoder(TINY + "@int8", "cpu", "onnx")  # quantized into the session's model cache once
+    ctx = EmbedContext(TINY + "@int8", int8.preprocess_spec, 100_000_000, frozenset(), batch_size=4)
+    tasks = [EmbedTask(i, os.fsencode(make_photo(tmp_path / f"{i}.jpg", i))) for i in range(3)]
+    with pytest.raises(UsageError, match="cannot use --gpus-per-worker") as err:
+        list(RayExecutor(gpus_per_worker=1).run(tasks, ctx, lambda: int8))
+    assert "\n" not in str(err.value)
+    got = {r.key: r.vector for b in RayExecutor(workers=1).run(tasks, ctx, lambda: int8) for r in b}
+    local = {r.key: r.vector for b in LocalExecutor(workers=0).run(tasks, ctx, lambda: int8) for r in b}
+    assert sorted(got) == [0, 1, 2] and all(float(got[k] @ local[k]) > 0.9999 for k in got)
+
+
 def test_shipped_jpeg_bytes_ride_a_ray_dataset_to_the_stage_that_decodes_them(ray_cluster, tmp_path,
                                                                                tiny_encoder) -> None:
     """With GPU actors, decode tasks ship plain JPEGs as bytes (pickled PendingJpegs in an object column); here a
