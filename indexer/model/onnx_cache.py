@@ -32,6 +32,9 @@ from clipsearch.indexer.model.protocol import EmbeddingSpace
 FORMAT = 1  # bump when the exported graphs' inputs/outputs or export.json change meaning
 META_FILE = "export.json"
 TOWERS = ("image", "text")
+# Texts every export is checked on before it is installed: plain, empty, one character, non-Latin with an emoji and
+# an HTML entity (the tokenizer's cleaning), over-long (truncation), mixed case and punctuation.
+PROBE_TEXTS = ["a photo of a dog", "", "x", "Café naïve 東京 🐶 &amp; don't", "a " * 100, "A RED circle, on grass."]
 DEMO_DIR = Path(__file__).parent / "demo"  # the bundled model (torch_encoder.DEMO_DIR, without importing torch)
 
 
@@ -224,3 +227,27 @@ def remove_export(folder: Path) -> None:
         aside = folder.with_name(f".trash-{folder.name}-{uuid.uuid4().hex[:8]}")
         os.rename(folder, aside)
         shutil.rmtree(aside, ignore_errors=True)
+
+
+def tower_hashes(folder: Path) -> dict[str, dict[str, str]]:
+    """SHA-256 of each tower's files (its graph and weights side file) in an export folder: export.json's `files`."""
+    return {tower: {p.name: file_sha256(p) for p in sorted(folder.glob(f"{tower}.onnx*"))} for tower in TOWERS}
+
+
+def intact_export(folder: Path, space: EmbeddingSpace) -> bool:
+    """Whether `folder` holds a complete, unedited export of `space` (export.json readable, every file's SHA-256
+    as recorded), so that a builder reuses it instead of building it again."""
+    try:
+        meta = ExportMeta.from_json((folder / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    return meta.space == space and all(verify_files(folder, meta, tower) is None for tower in meta.files)
+
+
+def install_export(tmp: Path, final: Path) -> None:
+    """Move a checked export from its temporary folder into place (readers see none or all of it). A damaged export
+    there is removed first; when another process installs the same space meanwhile, theirs stays (it passed the
+    same checks) and `tmp` is left for the caller to delete."""
+    remove_export(final)
+    with contextlib.suppress(OSError):
+        os.rename(tmp, final)

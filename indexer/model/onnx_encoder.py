@@ -25,6 +25,7 @@ import numpy as np
 from clipsearch.indexer.errors import ModelUnavailable
 from clipsearch.indexer.ingest.cores import usable_cores
 from clipsearch.indexer.model.onnx_cache import (
+    TOWERS,
     ExportMeta,
     OnnxUnsupported,
     cache_root,
@@ -126,7 +127,7 @@ class OnnxEncoder(PixelInputs):
 
     def open_towers(self) -> None:
         """Build both towers' sessions now: their files are checked, and a damaged export rebuilt, before use."""
-        for tower in ("image", "text"):
+        for tower in TOWERS:
             self._session(tower)
 
     # --- sessions ------------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import io
 import logging
-import os
 import shutil
 import uuid
 import warnings
@@ -35,14 +34,15 @@ from clipsearch.indexer.errors import ModelUnavailable
 from clipsearch.indexer.model.onnx_cache import (
     FORMAT,
     META_FILE,
-    TOWERS,
+    PROBE_TEXTS,
     ExportMeta,
     OnnxUnsupported,
     file_sha256,
     find_export,
+    install_export,
+    intact_export,
     pointer_path,
-    remove_export,
-    verify_files,
+    tower_hashes,
     write_atomic,
 )
 from clipsearch.indexer.model.tokenizer import VOCAB_FILE
@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 
 MIN_COSINE = 0.9999  # torch vs ONNX agreement an export must reach to share the torch encoder's space
 _EXTERNAL_DATA_BYTES = 1_500_000_000  # past this a tower's weights go to a side file (protobuf's 2 GB limit)
-PROBE_TEXTS = ["a photo of a dog", "", "x", "Café naïve 東京 🐶 &amp; don't", "a " * 100, "A RED circle, on grass."]
 
 
 class _ImageTower(torch.nn.Module):
@@ -168,15 +167,11 @@ def _check(enc: TorchEncoder, tmp: Path, meta: ExportMeta) -> float:
 
 def _meta_for(enc: TorchEncoder, tmp: Path, settings: tuple[int, str, list[str]], dynamic: bool,
               cosine: float) -> ExportMeta:
-    files = {tower: {p.name: file_sha256(p) for p in sorted(tmp.glob(f"{tower}.onnx*"))} for tower in TOWERS}
+    files = tower_hashes(tmp)
     files["vocab"] = {VOCAB_FILE: file_sha256(tmp / VOCAB_FILE)}
     context_length, clean, specials = settings
     return ExportMeta(FORMAT, enc.spec, enc.space, enc.preprocess_spec, float(enc.logit_scale), context_length,
                       clean, specials, dynamic, files, cosine)
-
-
-def _intact(folder: Path, meta: ExportMeta) -> bool:
-    return all(verify_files(folder, meta, tower) is None for tower in meta.files)
 
 
 def _build(enc: TorchEncoder, root: Path) -> Path:
@@ -191,11 +186,7 @@ def _build(enc: TorchEncoder, root: Path) -> Path:
         meta = _meta_for(enc, tmp, settings, dynamic, 1.0)
         meta = dataclasses.replace(meta, cosine_checked=_check(enc, tmp, meta))
         (tmp / META_FILE).write_text(meta.to_json(), encoding="utf-8")
-        remove_export(final)  # a damaged export of this space (an intact one was reused before we got here)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process installed the same space meanwhile: theirs passed the same checks
-            shutil.rmtree(tmp, ignore_errors=True)
+        install_export(tmp, final)  # replaces a damaged export of this space (an intact one was reused before)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -209,11 +200,7 @@ def export_model(spec: str, root: Path, source: str) -> tuple[Path, ExportMeta]:
     exported faithfully, ModelUnavailable when its weights cannot be loaded or the cache cannot be written."""
     enc = TorchEncoder(spec, "cpu")  # first: a model whose weights are missing fails here, with one line
     final = root / enc.space.key
-    try:
-        meta = ExportMeta.from_json((final / META_FILE).read_text(encoding="utf-8"))
-        reuse = meta.space == enc.space and _intact(final, meta)
-    except (OSError, ValueError, TypeError, KeyError):
-        reuse = False
+    reuse = intact_export(final, enc.space)
     try:
         if not reuse:
             log.warning("exporting model %s to ONNX into %s (once per model; a ViT-B-32 takes about a minute)",

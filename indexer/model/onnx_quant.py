@@ -33,15 +33,16 @@ import numpy as np
 from clipsearch.indexer.errors import ModelUnavailable, UsageError
 from clipsearch.indexer.model.onnx_cache import (
     META_FILE,
+    PROBE_TEXTS,
     TOWERS,
     ExportMeta,
     OnnxUnsupported,
-    file_sha256,
     find_export,
+    install_export,
+    intact_export,
     pointer_path,
-    remove_export,
     source_key,
-    verify_files,
+    tower_hashes,
     write_atomic,
 )
 from clipsearch.indexer.model.protocol import EmbeddingSpace
@@ -58,7 +59,6 @@ _MIN_SHARE = 0.5  # share of a tower's weights that must be quantizable for int8
 # whose per-tensor activation scale crushes the rest) falls far below; 0.99 (L2 error 0.14) leaves room for trained
 # models' outliers while refusing those. Ranking quality is measured separately (bench/int8_space.py: recall@10).
 MIN_COSINE = 0.99
-PROBE_TEXTS = ["a photo of a dog", "", "x", "Café naïve 東京 🐶 &amp; don't", "a " * 100, "A RED circle, on grass."]
 WHAT_TO_INSTALL = "int8 models need onnxruntime with its quantization tools and onnx (pip install onnxruntime onnx)"
 
 
@@ -164,30 +164,18 @@ def _build(spec: str, base_enc: Any, root: Path, space: EmbeddingSpace) -> None:
         done = [tower for tower in TOWERS if _quantize_tower(src, tmp, tower)]
         for name in base_meta.files["vocab"]:
             shutil.copyfile(src / name, tmp / name)
-        files = {tower: {p.name: file_sha256(p) for p in sorted(tmp.glob(f"{tower}.onnx*"))} for tower in TOWERS}
+        files = tower_hashes(tmp)
         files["vocab"] = dict(base_meta.files["vocab"])
         meta = dataclasses.replace(base_meta, spec=spec, space=space, files=files, cosine_checked=1.0)
         low = check_cosine(OnnxEncoder.from_export(spec, tmp, meta), base_enc)
         meta = dataclasses.replace(meta, cosine_checked=low)
         (tmp / META_FILE).write_text(meta.to_json(), encoding="utf-8")
-        remove_export(root / space.key)  # a damaged one (an intact one is reused before this is called)
-        try:
-            os.rename(tmp, root / space.key)
-        except OSError:  # another process installed the same space meanwhile: theirs passed the same check
-            pass
+        install_export(tmp, root / space.key)  # replaces a damaged one (an intact one is reused before this)
         log.info("quantized %s to int8 in %.1f s (towers %s; lowest cosine to fp32 %.5f)", spec,
                     time.perf_counter() - start, ", ".join(done) or "none", low)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _intact(folder: Path, space: EmbeddingSpace) -> bool:
-    try:
-        meta = ExportMeta.from_json((folder / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError, KeyError):
-        return False
-    return meta.space == space and all(verify_files(folder, meta, tower) is None for tower in meta.files)
 
 
 def quantize_export(spec: str, base_enc: Any, root: Path, source: str) -> tuple[Path, ExportMeta]:
@@ -202,7 +190,7 @@ def quantize_export(spec: str, base_enc: Any, root: Path, source: str) -> tuple[
     base_enc.open_towers()  # checks (or rebuilds) the fp32 files before they are quantized
     marker = pointer_path(root, source).with_suffix(".unsupported")
     try:
-        if not _intact(root / space.key, space):
+        if not intact_export(root / space.key, space):
             log.warning("quantizing model %s to int8 into %s (once per model)", spec, root)
             _build(spec, base_enc, root, space)
         write_atomic(pointer_path(root, source), space.key)
